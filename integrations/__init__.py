@@ -1,0 +1,1 @@
+"""Thin adapters between lora_monitor and trainers/trackers (imported as lora_monitor.integrations)."""
