@@ -1,0 +1,437 @@
+"""Best-epoch selection and early stopping over per-prompt preview scores.
+
+`BestEpochPolicy` is told, once per evaluation, the scores of every preview prompt for every
+metric. It aggregates them over prompts, decides whether the epoch is the new best and whether
+training should stop, and says why in a whole sentence. The rules follow Lightning's
+EarlyStopping: an improvement must beat the best by more than `min_delta`, NaN/inf is the worst
+score, `patience` evaluations without improvement stop the run, and the state round-trips
+through `state_dict`/`load_state_dict` so a resumed run ends where an uninterrupted one would.
+
+Pure Python on purpose (no torch, no numpy): it is imported by launchers and post-hoc tools
+that never build a model.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["AGGREGATES", "BestEpochPolicy", "Decision", "EpochResult"]
+
+_STATE_VERSION = 1
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+#: How per-prompt values become one number per epoch.
+AGGREGATES: dict[str, Callable[[Sequence[float]], float]] = {
+    "mean": _mean,
+    "median": statistics.median,
+    "min": min,
+    "max": max,
+}
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One evaluated epoch as the policy saw it.
+
+    `value` is the aggregated monitored metric; when any per-prompt value of it is NaN/inf it
+    is the worst possible value (+inf in min mode, -inf in max mode). `aggregates` holds every
+    metric aggregated the same way (NaN where a metric other than the monitored one had a
+    non-finite value). `eligible` is False when the value is non-finite or a bound failed;
+    `note` says why.
+    """
+
+    epoch: int
+    step: int | None
+    value: float
+    aggregates: dict[str, float] = field(default_factory=dict)
+    eligible: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What `BestEpochPolicy.update` decided for one epoch; `reason` is a sentence for the log."""
+
+    epoch: int
+    is_best: bool
+    should_stop: bool
+    reason: str
+    best_epoch: int | None
+    best_value: float | None
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _check_bound_value(metric: str, side: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"bounds[{metric!r}] {side} bound must be a finite number or None, got {value!r}")
+    return float(value)
+
+
+def _encode_float(value: float | None) -> float | str | None:
+    """JSON has no inf/NaN: encode them as the strings 'inf', '-inf', 'nan'."""
+    if value is None or math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _decode_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in ("inf", "-inf", "nan"):
+            raise ValueError(f"policy state holds {value!r} where a number was expected")
+        return float(value)
+    return float(value)
+
+
+class BestEpochPolicy:
+    """Picks the best epoch by one metric and says when to stop.
+
+    Args:
+        metric: the monitored metric, a key of the `scores` given to `update`.
+        higher_is_better: the metric's polarity (a constant of the scorer, e.g. False for
+            BRISQUE, True for SSIM). It fixes `mode`: 'max' when higher is better, else 'min'.
+        mode: optional; if given it must agree with `higher_is_better`.
+        min_delta: an epoch improves only if it beats the best by MORE than this (>= 0).
+        patience: stop after this many evaluations in a row without improvement (>= 1);
+            None never stops.
+        aggregate: how per-prompt values become one number: 'mean', 'median', 'min', 'max'.
+        bounds: `{metric: (lo, hi)}`: the epoch's aggregated value of that metric must lie in
+            [lo, hi] (None leaves a side open) for the epoch to be eligible. E.g.
+            `{"ssim": (0.3, 0.95)}` keeps "best" from being "nothing changed" (ssim near 1) or
+            "the LoRA broke the model" (ssim near 0). An ineligible epoch cannot become best
+            and counts as an evaluation without improvement.
+
+    Ties go to the earliest epoch (a later equal value is not an improvement). A NaN/inf in the
+    monitored metric of any prompt makes the epoch the worst possible: never best.
+
+    After the policy has stopped, `update` still evaluates and records further epochs (a loop
+    may train on, e.g. to reach a synchronisation point); such an epoch can still become best,
+    but `should_stop`, `stopped_epoch` and `stop_reason` keep the first stop.
+    """
+
+    def __init__(
+        self,
+        metric: str = "brisque",
+        *,
+        higher_is_better: bool,
+        mode: str | None = None,
+        min_delta: float = 0.0,
+        patience: int | None = None,
+        aggregate: str = "mean",
+        bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+    ) -> None:
+        if not isinstance(metric, str) or not metric:
+            raise ValueError(f"metric must be a non-empty string, got {metric!r}")
+        if not isinstance(higher_is_better, bool):
+            raise ValueError(f"higher_is_better must be True or False, got {higher_is_better!r}")
+        implied = "max" if higher_is_better else "min"
+        if mode is not None:
+            if mode not in ("min", "max"):
+                raise ValueError(f"mode can be 'min', 'max' or None (derived from the metric), got {mode!r}")
+            if mode != implied:
+                polarity = "higher is better" if higher_is_better else "lower is better"
+                raise ValueError(
+                    f"mode {mode!r} contradicts metric {metric!r}: {polarity}, which means mode {implied!r}; "
+                    f"leave mode unset to derive it"
+                )
+        if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) or not math.isfinite(min_delta):
+            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+        if min_delta < 0:
+            raise ValueError(
+                f"min_delta must be >= 0, got {min_delta!r}; the direction comes from the metric's polarity, "
+                f"so give the size of the smallest improvement that counts"
+            )
+        if patience is not None:
+            patience = _check_int("patience", patience)
+            if patience < 1:
+                raise ValueError(f"patience must be an integer >= 1 or None (never stop), got {patience}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate can be {', '.join(repr(name) for name in AGGREGATES)}, got {aggregate!r}")
+        checked_bounds: dict[str, tuple[float | None, float | None]] = {}
+        for name, bound in (bounds or {}).items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"bounds keys must be metric names, got {name!r}")
+            if isinstance(bound, (str, bytes)) or not isinstance(bound, Sequence) or len(bound) != 2:
+                raise ValueError(f"bounds[{name!r}] must be a pair (lo, hi), None for an open side; got {bound!r}")
+            lo = _check_bound_value(name, "lower", bound[0])
+            hi = _check_bound_value(name, "upper", bound[1])
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"bounds[{name!r}]: lower bound {lo} is above upper bound {hi}")
+            checked_bounds[name] = (lo, hi)
+
+        self.metric = metric
+        self.higher_is_better = higher_is_better
+        self.mode = implied
+        self.min_delta = float(min_delta)
+        self.patience = patience
+        self.aggregate = aggregate
+        self.bounds = checked_bounds
+        self.best_epoch: int | None = None
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.wait_count = 0
+        self.stopped_epoch: int | None = None
+        self.stop_reason: str | None = None
+        self.history: list[EpochResult] = []
+
+    @property
+    def should_stop(self) -> bool:
+        """True once patience ran out; stays True."""
+        return self.stopped_epoch is not None
+
+    @property
+    def _worst(self) -> float:
+        return -math.inf if self.higher_is_better else math.inf
+
+    def _improves(self, value: float) -> bool:
+        """Better than the best by more than min_delta (Lightning's rule); strict, so ties lose."""
+        if self.best_value is None:
+            return True
+        if self.higher_is_better:
+            return value - self.min_delta > self.best_value
+        return value + self.min_delta < self.best_value
+
+    def update(self, epoch: int, scores: Mapping[str, Sequence[float]], step: int | None = None) -> Decision:
+        """Record one evaluation and decide: new best? stop?
+
+        `scores` maps a metric name to its per-prompt values (a bare number counts as one
+        prompt). Epochs must increase from call to call: a repeated or earlier epoch means a
+        resumed run replays epochs the policy has already seen.
+        """
+        epoch = _check_int("epoch", epoch)
+        if step is not None:
+            step = _check_int("step", step)
+        if self.history and epoch <= self.history[-1].epoch:
+            raise ValueError(
+                f"epoch {epoch} is not after the last evaluated epoch {self.history[-1].epoch}: epochs must "
+                f"increase; a repeated epoch usually means the policy state was restored from a later "
+                f"checkpoint than the model, or update() was called twice for one epoch"
+            )
+        if not isinstance(scores, Mapping):
+            raise ValueError(f"scores must map metric names to per-prompt values, got {type(scores).__name__}")
+        present = sorted(scores)
+        for name in (self.metric, *self.bounds):
+            if name not in scores:
+                role = "monitored metric" if name == self.metric else "bounded metric"
+                raise ValueError(f"the {role} {name!r} is missing from the scores of epoch {epoch}; present: {present}")
+        per_prompt = {name: _as_values(name, values, epoch) for name, values in scores.items()}
+
+        aggregates: dict[str, float] = {}
+        non_finite: dict[str, list[int]] = {}
+        for name, values in per_prompt.items():
+            bad = [index for index, value in enumerate(values) if not math.isfinite(value)]
+            if bad:
+                non_finite[name] = bad
+                aggregates[name] = self._worst if name == self.metric else math.nan
+            else:
+                aggregates[name] = float(AGGREGATES[self.aggregate](values))
+        value = aggregates[self.metric]
+        count = len(per_prompt[self.metric])
+        label = f"{self.metric} ({self.aggregate} over {count} prompt{'s' if count != 1 else ''})"
+
+        problems = []
+        if self.metric in non_finite:
+            problems.append(
+                f"{self.metric} is NaN or infinite for prompt(s) {non_finite[self.metric]}, which counts as the worst score"
+            )
+        for name, (lo, hi) in self.bounds.items():
+            bound_value = aggregates[name]
+            if name in non_finite:
+                problems.append(f"{name} is NaN or infinite for prompt(s) {non_finite[name]}, so its bound cannot hold")
+            elif lo is not None and bound_value < lo:
+                problems.append(f"{name} ({self.aggregate}) {_fmt(bound_value)} is below the lower bound {_fmt(lo)}")
+            elif hi is not None and bound_value > hi:
+                problems.append(f"{name} ({self.aggregate}) {_fmt(bound_value)} is above the upper bound {_fmt(hi)}")
+        eligible = not problems
+
+        previous_best_epoch, previous_best_value = self.best_epoch, self.best_value
+        is_best = eligible and self._improves(value)
+        if is_best:
+            self.best_epoch, self.best_value, self.best_step = epoch, value, step
+            self.wait_count = 0
+            if previous_best_value is None:
+                reason = f"{label} is {_fmt(value)} at epoch {epoch}, the first eligible value; new best."
+            else:
+                reason = (
+                    f"{label} improved from {_fmt(previous_best_value)} (epoch {previous_best_epoch}) "
+                    f"to {_fmt(value)} at epoch {epoch}; new best."
+                )
+            note = "new best"
+        else:
+            self.wait_count += 1
+            if not eligible:
+                note = "; ".join(problems)
+                reason = f"Epoch {epoch} is not eligible: {note}."
+            else:
+                note = f"not better than the best by more than {_fmt(self.min_delta)}"
+                reason = (
+                    f"{label} is {_fmt(value)} at epoch {epoch}, not better than the best "
+                    f"{_fmt(self.best_value)} (epoch {self.best_epoch}) by more than {_fmt(self.min_delta)}."
+                )
+            if self.patience is None:
+                reason += f" {self.wait_count} evaluation(s) without improvement; no patience set, so no early stop."
+            else:
+                reason += f" {self.wait_count} of {self.patience} evaluation(s) without improvement."
+
+        was_stopped = self.should_stop
+        if not was_stopped and self.patience is not None and self.wait_count >= self.patience:
+            self.stopped_epoch = epoch
+            if self.best_epoch is None:
+                tail = "no epoch was eligible."
+            else:
+                tail = f"best {_fmt(self.best_value)} at epoch {self.best_epoch}."
+            self.stop_reason = (
+                f"Stopping at epoch {epoch}: {label} did not improve by more than {_fmt(self.min_delta)} "
+                f"for {self.wait_count} evaluation(s); {tail}"
+            )
+            reason += " " + self.stop_reason
+        elif was_stopped:
+            reason += f" (Already stopped at epoch {self.stopped_epoch}; training continued.)"
+
+        self.history.append(
+            EpochResult(epoch=epoch, step=step, value=value, aggregates=aggregates, eligible=eligible, note=note)
+        )
+        return Decision(
+            epoch=epoch,
+            is_best=is_best,
+            should_stop=self.should_stop,
+            reason=reason,
+            best_epoch=self.best_epoch,
+            best_value=self.best_value,
+        )
+
+    def ranked(self, k: int | None = None) -> list[EpochResult]:
+        """Eligible epochs best-first by their value (ties: earliest epoch first), at most k.
+
+        This is a plain ordering by value, for top-k export; `best_epoch` additionally applies
+        min_delta, so with min_delta > 0 the first entry can be a later epoch that beat
+        `best_epoch` by less than min_delta.
+        """
+        if k is not None:
+            k = _check_int("k", k)
+            if k < 0:
+                raise ValueError(f"k must be >= 0 or None (all), got {k}")
+        sign = -1.0 if self.higher_is_better else 1.0
+        order = sorted((result for result in self.history if result.eligible), key=lambda r: (sign * r.value, r.epoch))
+        return order if k is None else order[:k]
+
+    def describe(self) -> dict[str, Any]:
+        """The settings, JSON-serialisable (for the exported checkpoint's sidecar)."""
+        return {
+            "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "mode": self.mode,
+            "min_delta": self.min_delta,
+            "patience": self.patience,
+            "aggregate": self.aggregate,
+            "bounds": {name: [lo, hi] for name, (lo, hi) in sorted(self.bounds.items())},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume; JSON-serialisable (inf/NaN as strings) and picklable."""
+        return {
+            "version": _STATE_VERSION,
+            "settings": self.describe(),
+            "best_epoch": self.best_epoch,
+            "best_value": _encode_float(self.best_value),
+            "best_step": self.best_step,
+            "wait_count": self.wait_count,
+            "stopped_epoch": self.stopped_epoch,
+            "stop_reason": self.stop_reason,
+            "history": [
+                {
+                    "epoch": result.epoch,
+                    "step": result.step,
+                    "value": _encode_float(result.value),
+                    "aggregates": {name: _encode_float(value) for name, value in result.aggregates.items()},
+                    "eligible": result.eligible,
+                    "note": result.note,
+                }
+                for result in self.history
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state_dict()` output (also after a JSON round trip).
+
+        The saved settings must equal this policy's: resuming with another metric, patience or
+        bound would silently change what "best" means. The error lists each difference.
+        """
+        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+            found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a BestEpochPolicy state of version {_STATE_VERSION} (found {found!r})")
+        saved = state["settings"]
+        current = self.describe()
+        differences = [
+            f"{key}: saved {saved.get(key)!r}, now {current[key]!r}"
+            for key in current
+            if _normalise(saved.get(key)) != _normalise(current[key])
+        ]
+        if differences:
+            raise ValueError("the saved policy state has different settings: " + "; ".join(differences))
+        history = [
+            EpochResult(
+                epoch=int(entry["epoch"]),
+                step=entry["step"],
+                value=_decode_float(entry["value"]),
+                aggregates={name: _decode_float(value) for name, value in entry["aggregates"].items()},
+                eligible=bool(entry["eligible"]),
+                note=str(entry["note"]),
+            )
+            for entry in state["history"]
+        ]
+        self.history = history
+        self.best_epoch = state["best_epoch"]
+        self.best_value = _decode_float(state["best_value"])
+        self.best_step = state["best_step"]
+        self.wait_count = int(state["wait_count"])
+        self.stopped_epoch = state["stopped_epoch"]
+        self.stop_reason = state["stop_reason"]
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{key}={value!r}" for key, value in self.describe().items())
+        return f"BestEpochPolicy({settings}, best_epoch={self.best_epoch!r}, wait_count={self.wait_count})"
+
+
+def _normalise(value: Any) -> Any:
+    """Tuples and lists compare equal (JSON turns one into the other); ints equal floats."""
+    if isinstance(value, Mapping):
+        return {key: _normalise(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(item) for item in value]
+    return value
+
+
+def _as_values(name: str, values: Any, epoch: int) -> list[float]:
+    """Per-prompt values as floats; a bare number is one prompt."""
+    if isinstance(values, numbers.Real) and not isinstance(values, bool):
+        return [float(values)]
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"scores[{name!r}] at epoch {epoch} must be numbers, got {values!r}")
+    try:
+        result = [float(value) for value in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"scores[{name!r}] at epoch {epoch} must be a sequence of numbers, got {values!r}") from None
+    if not result:
+        raise ValueError(f"scores[{name!r}] at epoch {epoch} is empty; expected one value per preview prompt")
+    return result
