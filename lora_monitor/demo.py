@@ -1,0 +1,168 @@
+"""The demo: train a LoRA on the tiny offline model with the monitor attached.
+
+`train` is an ordinary diffusers/accelerate LoRA loop (the shape of diffusers'
+train_text_to_image_lora.py, cut to its core) with the monitor's few lines marked. The tests use it
+to check that the monitor leaves training untouched and that a resumed run decides the same.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from lora_monitor.monitor import EpochReport, LoraMonitor
+from lora_monitor.spec import PreviewSpec
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle")
+DEMO_PROMPTS = ("a red circle", "a blue square", "a yellow circle on grey", "a green square")
+
+
+def write_synthetic_dataset(folder: str | os.PathLike, count: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """Coloured shapes on plain backgrounds, each PNG with a same-name .txt caption (the kohya layout)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    for index in range(count):
+        colour = names[index % len(names)]
+        shape = SHAPES[(index // len(names)) % len(SHAPES)]
+        background = tuple(int(v) for v in rng.integers(90, 170, size=3))
+        image = Image.new("RGB", (size, size), background)
+        draw = ImageDraw.Draw(image)
+        margin = int(rng.integers(size // 8, size // 4))
+        box = (margin, margin, size - margin, size - margin)
+        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+        image.save(folder / f"{index:03d}.png")
+        (folder / f"{index:03d}.txt").write_text(f"a {colour} {shape}", encoding="utf-8")
+    return folder
+
+
+def load_image_folder(folder: str | os.PathLike, resolution: int) -> list[tuple[torch.Tensor, str]]:
+    """Images (png/jpg/webp) with same-name .txt captions (the file stem when missing), as [-1, 1] tensors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"training data folder {folder} does not exist")
+    items = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in {".png", ".jpg", ".jpeg", ".webp"}:
+            continue
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.exists() else path.stem
+        image = Image.open(path).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        items.append((torch.from_numpy(array).permute(2, 0, 1), caption))
+    if not items:
+        raise ValueError(f"no .png/.jpg/.webp images in {folder}")
+    return items
+
+
+@dataclass
+class TrainConfig:
+    pretrained: str
+    train_data_dir: str
+    output_dir: str
+    epochs: int = 6
+    resolution: int = 64
+    rank: int = 4
+    learning_rate: float = 1e-3
+    batch_size: int = 2
+    seed: int = 0
+    report_to: str | None = None
+    resume_from: str | None = None  # an accelerate save_state folder
+    save_state_each_epoch: bool = False
+    stop_after_epoch: int | None = None  # simulate an interruption (tests)
+    monitor: dict[str, Any] | None = field(default_factory=dict)  # LoraMonitor options; None = no monitor
+    on_report: Callable[[EpochReport], None] | None = None
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train a LoRA on the UNet; returns {"lora": state dict, "monitor": LoraMonitor | None, "unet": the UNet}."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        log_with=None if config.report_to in (None, "none") else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    set_seed(config.seed)
+    tokenizer = CLIPTokenizer.from_pretrained(config.pretrained, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(config.pretrained, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(config.pretrained, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(config.pretrained, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(config.pretrained, subfolder="scheduler")
+    for module in (vae, text_encoder, unet):
+        module.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    )
+    vae.to(accelerator.device)
+    text_encoder.to(accelerator.device)
+
+    items = load_image_folder(config.train_data_dir, config.resolution)
+    pixels = torch.stack([pixel for pixel, _ in items])
+    input_ids = tokenizer(
+        [caption for _, caption in items], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    dataset = torch.utils.data.TensorDataset(pixels, input_ids)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True)
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
+
+    monitor = None
+    if config.monitor is not None:  # --- lora-monitor: build from the modules in memory ---
+        options = {"spec": PreviewSpec.from_prompts(DEMO_PROMPTS, steps=4, width=64, height=64), **config.monitor}
+        monitor = LoraMonitor(
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=noise_scheduler,
+            output_dir=output_dir / "monitor", **options,
+        )
+    unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    if monitor is not None:
+        monitor.attach(accelerator)  # --- lora-monitor: join checkpoints and mixed precision ---
+    if accelerator.is_main_process and config.report_to not in (None, "none"):
+        accelerator.init_trackers("lora-monitor-demo")
+
+    first_epoch = 0
+    if config.resume_from:
+        accelerator.load_state(config.resume_from)
+        first_epoch = int(Path(config.resume_from).name.split("-")[-1])
+
+    global_step = first_epoch * len(dataloader)
+    for epoch in range(first_epoch, config.epochs):
+        unet.train()
+        for pixel_values, ids in dataloader:
+            with torch.no_grad():
+                latents = vae.encode(pixel_values.to(accelerator.device)).latent_dist.sample() * vae.config.scaling_factor
+                encoder_hidden_states = text_encoder(ids.to(accelerator.device))[0]
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            global_step += 1
+        accelerator.wait_for_everyone()
+        report = monitor.on_epoch_end(epoch + 1, global_step) if monitor is not None else None  # --- lora-monitor ---
+        if report is not None and config.on_report is not None:
+            config.on_report(report)
+        if config.save_state_each_epoch:
+            accelerator.save_state(str(output_dir / "checkpoints" / f"epoch-{epoch + 1}"))
+        if monitor is not None and monitor.should_stop:  # --- lora-monitor: obey the stop decision ---
+            break
+        if config.stop_after_epoch is not None and epoch + 1 >= config.stop_after_epoch:
+            break
+    accelerator.end_training()
+    lora = {k: v.detach().clone() for k, v in get_peft_model_state_dict(accelerator.unwrap_model(unet)).items()}
+    return {"lora": lora, "monitor": monitor, "unet": accelerator.unwrap_model(unet), "accelerator": accelerator}

@@ -1,0 +1,350 @@
+"""LoraMonitor: at the end of an epoch, render the previews, score them, decide, record and export.
+
+Data flows one way: spec -> render -> score -> policy -> (export, record, listeners).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import torch
+
+from lora_monitor import export as exporting
+from lora_monitor.policy import BestEpochPolicy, Decision
+from lora_monitor.record import RunRecord, from_pil, save_png_atomic
+from lora_monitor.render import PreviewRenderer
+from lora_monitor.scoring import Scorer, get_scorer
+from lora_monitor.spec import PreviewSpec
+
+logger = logging.getLogger("lora_monitor")
+STATE_VERSION = 1
+
+
+@dataclass
+class EpochReport:
+    """What one evaluation produced."""
+
+    epoch: int
+    step: int | None
+    images: list[torch.Tensor]  # the rendered previews, (3, H, W) float in [0, 1], before quantisation
+    scores: dict[str, list[float]]  # metric -> one score per preview
+    decision: Decision
+    aggregates: dict[str, float] = field(default_factory=dict)
+    preview_paths: list[Path] = field(default_factory=list)
+    exported: Path | None = None
+
+    @property
+    def is_best(self) -> bool:
+        return self.decision.is_best
+
+    @property
+    def should_stop(self) -> bool:
+        return self.decision.should_stop
+
+
+class Listener(Protocol):
+    """Receives results as they happen (trackers, progress tables). Every method is optional."""
+
+    def on_base_references(self, monitor: "LoraMonitor", images: list[torch.Tensor]) -> None: ...
+
+    def on_evaluation(self, monitor: "LoraMonitor", report: EpochReport) -> None: ...
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Round to the 8-bit values a PNG holds, so scores of saved previews equal the scores given here.
+    NaN stays NaN (the worst score)."""
+    return torch.round(images.clamp(0, 1) * 255) / 255
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP/FSDP/torch.compile wrappers: the very object that trains, never a copy."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(getattr(module, "module", None), torch.nn.Module):
+            module = module.module
+        else:
+            return module
+
+
+class LoraMonitor:
+    """Watches a LoRA training run through fixed previews.
+
+    Build it from the modules the loop already holds, `attach` it to the Accelerator, call
+    `on_epoch_end(epoch, step)` after each epoch and stop when `should_stop` is true.
+    Settings are checked here, before training starts.
+    """
+
+    def __init__(
+        self,
+        *,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        tokenizer,
+        scheduler,
+        spec: PreviewSpec | str | os.PathLike,
+        output_dir: str | os.PathLike,
+        metrics: Sequence[str] = ("brisque", "ssim"),
+        monitor: str = "brisque",
+        mode: str | None = None,
+        min_delta: float = 0.0,
+        patience: int | None = None,
+        aggregate: str = "mean",
+        bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+        every_n_epochs: int = 1,
+        batch_size: int = 4,
+        sampler: str = "ddim",
+        top_k: int = 1,
+        export: bool = True,
+        write_weights: exporting.WeightsWriter | None = None,
+        scorers: Sequence[Scorer] | None = None,
+        listeners: Sequence[Listener] = (),
+        progress: bool = False,
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        self.spec = spec if isinstance(spec, PreviewSpec) else PreviewSpec.load(spec)
+        self.output_dir = Path(output_dir)
+        self.scorers: list[Scorer] = list(scorers) if scorers is not None else [get_scorer(name) for name in metrics]
+        names = [scorer.name for scorer in self.scorers]
+        by_name = {scorer.name: scorer for scorer in self.scorers}
+        if monitor not in by_name:
+            raise ValueError(f"monitor={monitor!r} is not among the metrics {names}; add it to metrics")
+        for bound_metric in bounds or {}:
+            if bound_metric not in by_name:
+                raise ValueError(f"bounds name the metric {bound_metric!r}, which is not among the metrics {names}; add it to metrics")
+        self.policy = BestEpochPolicy(
+            monitor,
+            higher_is_better=by_name[monitor].higher_is_better,
+            mode=mode,
+            min_delta=min_delta,
+            patience=patience,
+            aggregate=aggregate,
+            bounds=bounds,
+        )
+        self.every_n_epochs = every_n_epochs
+        self.top_k = top_k
+        self.export = export
+        self.unet = unwrap(unet)
+        self.text_encoder = unwrap(text_encoder)
+        self.renderer = PreviewRenderer(
+            unet=self.unet,
+            vae=unwrap(vae),
+            text_encoder=self.text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            sampler=sampler,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        self.renderer.check_spec(self.spec)
+        for scorer in self.scorers:
+            check = getattr(scorer, "check_size", None)
+            if check is not None:
+                for prompt in self.spec.prompts:
+                    check(prompt.height, prompt.width)
+        self.write_weights = write_weights or exporting.diffusers_lora_writer(self.unet, self.text_encoder)
+        self.record = RunRecord(self.output_dir)
+        self.listeners = list(listeners)
+        self.accelerator = None
+        self.top_k_epochs: list[int] = []
+        self._base_images: list[torch.Tensor] | None = None
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_pipeline(cls, pipeline, **kwargs) -> "LoraMonitor":
+        """Build from a loaded diffusers pipeline's modules (no copy)."""
+        return cls(
+            unet=pipeline.unet,
+            vae=pipeline.vae,
+            text_encoder=pipeline.text_encoder,
+            tokenizer=pipeline.tokenizer,
+            scheduler=pipeline.scheduler,
+            **kwargs,
+        )
+
+    # ----------------------------------------------------------------- wiring
+    def attach(self, accelerator) -> "LoraMonitor":
+        """Join the Accelerator's checkpoints (save_state/load_state) and use its mixed-precision autocast."""
+        self.accelerator = accelerator
+        self.renderer.autocast = accelerator.autocast
+        accelerator.register_for_checkpointing(self)
+        return self
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def should_stop(self) -> bool:
+        return self.policy.should_stop
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self.policy.best_epoch
+
+    def due(self, epoch: int) -> bool:
+        return epoch % self.every_n_epochs == 0
+
+    # ----------------------------------------------------------------- base references
+    def base_key(self) -> str:
+        """Identifies the base renders: the spec, the sampler and the base weights (LoRA parameters excluded)."""
+        digest = hashlib.sha256()
+        digest.update(self.spec.fingerprint().encode())
+        digest.update(self.renderer.sampler.encode())
+        with torch.no_grad():
+            for module in (self.unet, self.text_encoder):
+                for name, parameter in module.named_parameters():
+                    if "lora_" not in name:
+                        digest.update(f"{name}:{parameter.double().sum().item():.10e}".encode())
+        return digest.hexdigest()[:16]
+
+    def base_references(self) -> list[torch.Tensor]:
+        """The base model's previews (LoRA off): from memory, else from the output dir when the key matches, else rendered."""
+        if self._base_images is not None:
+            return self._base_images
+        key = self.base_key()
+        folder = self.record.preview_dir(None)
+        paths = self.record.preview_paths(None, [p.seed for p in self.spec.prompts])
+        key_file = folder / "base.json"
+        images = None
+        if key_file.is_file() and all(path.is_file() for path in paths):
+            if json.loads(key_file.read_text(encoding="utf-8")).get("key") == key:
+                from PIL import Image
+
+                images = [from_pil(Image.open(path)) for path in paths]
+        if images is None:
+            images = [quantize(image) for image in self.renderer.render_base(self.spec)]
+            if self.is_main_process:
+                for image, path in zip(images, paths):
+                    save_png_atomic(image, path)
+                exporting.write_json_atomic(key_file, {"key": key, "spec_fingerprint": self.spec.fingerprint()})
+            for listener in self.listeners:
+                _call(listener, "on_base_references", self, images)
+        self._base_images = images
+        return images
+
+    # ----------------------------------------------------------------- evaluation
+    def score(self, images: Sequence[torch.Tensor], references: Sequence[torch.Tensor] | None) -> dict[str, list[float]]:
+        """Every scorer on every image, batched by image size; a failing scorer gives NaN (the worst score) and one warning."""
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape), []).append(index)
+        scores = {scorer.name: [float("nan")] * len(images) for scorer in self.scorers}
+        for indices in by_size.values():
+            batch = quantize(torch.stack([images[i] for i in indices]))
+            reference = torch.stack([references[i] for i in indices]) if references is not None else None
+            for scorer in self.scorers:
+                try:
+                    values = scorer(batch, reference if scorer.needs_reference else None)
+                except Exception as error:  # scoring must never stop training
+                    self._warn_once(f"scorer:{scorer.name}", f"scorer {scorer.name!r} failed ({error}); its scores are NaN (the worst)")
+                    continue
+                for i, value in zip(indices, values.tolist()):
+                    scores[scorer.name][i] = float(value)
+        return scores
+
+    def on_epoch_end(self, epoch: int, step: int | None = None, *, force: bool = False) -> EpochReport | None:
+        """Evaluate `epoch` if it is due (every_n_epochs) or `force`; returns the report, or None when not due."""
+        if not (force or self.due(epoch)):
+            return None
+        references = self.base_references() if any(s.needs_reference for s in self.scorers) else None
+        images = self.renderer.render(self.spec)
+        scores = self.score(images, references)
+        decision = self.policy.update(epoch, scores, step=step)
+        result = self.policy.history[-1]
+        report = EpochReport(epoch, step, images, scores, decision, aggregates=dict(result.aggregates))
+        if self.is_main_process:
+            report.preview_paths = self.record.save_previews(epoch, [quantize(i) for i in images], [p.seed for p in self.spec.prompts])
+            if self.export:
+                report.exported = self._export(report)
+            self.record.append_scores(self._score_line(report))
+            logger.info("epoch %d: %s", epoch, decision.reason)
+            for listener in self.listeners:
+                _call(listener, "on_evaluation", self, report)
+        return report
+
+    # ----------------------------------------------------------------- export
+    def sidecar(self, report: EpochReport) -> dict[str, Any]:
+        return {
+            "epoch": report.epoch,
+            "step": report.step,
+            "scores": report.scores,
+            "aggregates": report.aggregates,
+            "prompts": [p.prompt for p in self.spec.prompts],
+            "seeds": [p.seed for p in self.spec.prompts],
+            "spec_fingerprint": self.spec.fingerprint(),
+            "policy": self.policy.describe(),
+        }
+
+    def _export(self, report: EpochReport) -> Path | None:
+        """Write the best epoch to best/ and keep top_k/epoch-N/ for the k best epochs so far."""
+        exported = None
+        sidecar = self.sidecar(report)
+        if report.is_best:
+            exported = exporting.export_checkpoint(self.output_dir / "best", self.write_weights, sidecar)
+        if self.top_k > 1:
+            ranked = [r.epoch for r in self.policy.ranked(self.top_k)]
+            top_dir = self.output_dir / "top_k"
+            if report.epoch in ranked:
+                exporting.export_checkpoint(top_dir / f"epoch-{report.epoch:04d}", self.write_weights, sidecar)
+            for epoch in self.top_k_epochs:
+                if epoch not in ranked:
+                    exporting.remove_checkpoint(top_dir / f"epoch-{epoch:04d}")
+            self.top_k_epochs = [epoch for epoch in ranked if epoch == report.epoch or epoch in self.top_k_epochs]
+        return exported
+
+    def _score_line(self, report: EpochReport) -> dict[str, Any]:
+        return {
+            "epoch": report.epoch,
+            "step": report.step,
+            "scores": report.scores,
+            "aggregates": report.aggregates,
+            "is_best": report.is_best,
+            "best_epoch": report.decision.best_epoch,
+            "best_value": report.decision.best_value,
+            "should_stop": report.should_stop,
+            "reason": report.decision.reason,
+            "previews": [str(p.relative_to(self.output_dir)) for p in report.preview_paths],
+            "spec_fingerprint": self.spec.fingerprint(),
+        }
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "policy": self.policy.state_dict(),
+            "top_k_epochs": list(self.top_k_epochs),
+            "spec_fingerprint": self.spec.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"monitor state version {state.get('version')!r} is not {STATE_VERSION}; it was saved by another lora-monitor")
+        if state["spec_fingerprint"] != self.spec.fingerprint():
+            raise ValueError(
+                f"the saved monitor state belongs to preview spec {state['spec_fingerprint']}, but this run's spec is "
+                f"{self.spec.fingerprint()}: scores of different previews cannot be compared; resume with the same prompts"
+            )
+        self.policy.load_state_dict(state["policy"])
+        self.top_k_epochs = list(state["top_k_epochs"])
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _call(listener: Any, method: str, *args: Any) -> None:
+    handler: Callable | None = getattr(listener, method, None)
+    if handler is not None:
+        handler(*args)

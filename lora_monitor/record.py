@@ -1,0 +1,91 @@
+"""The local record of a run: every evaluated epoch's previews as PNG and one JSON line of scores.
+
+Layout under the output dir:
+    previews/base/00_seed1234.png           the base model's renders (LoRA off)
+    previews/epoch-0003/00_seed1234.png     epoch 3's previews, numbered by prompt
+    scores.jsonl                            one line per evaluated epoch
+The record is what a run leaves behind without W&B; `read_scores` reads it back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lora_monitor.export import json_safe
+
+SCORES_FILE = "scores.jsonl"
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) float in [0, 1] -> RGB PIL image (NaN becomes black)."""
+    array = torch.nan_to_num(image.detach().float().cpu(), nan=0.0).clamp(0, 1)
+    array = (array.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def save_png_atomic(image: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        to_pil(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunRecord:
+    """Writes previews and score lines under `output_dir`."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.output_dir = Path(output_dir)
+        self.scores_path = self.output_dir / SCORES_FILE
+
+    def preview_dir(self, epoch: int | None) -> Path:
+        return self.output_dir / "previews" / ("base" if epoch is None else f"epoch-{epoch:04d}")
+
+    def preview_paths(self, epoch: int | None, seeds: Sequence[int]) -> list[Path]:
+        folder = self.preview_dir(epoch)
+        return [folder / f"{index:02d}_seed{seed}.png" for index, seed in enumerate(seeds)]
+
+    def save_previews(self, epoch: int | None, images: Sequence[torch.Tensor], seeds: Sequence[int]) -> list[Path]:
+        paths = self.preview_paths(epoch, seeds)
+        for image, path in zip(images, paths):
+            save_png_atomic(image, path)
+        return paths
+
+    def append_scores(self, line: dict[str, Any]) -> None:
+        """Append one JSON line and flush it to disk, so a crash loses at most the line being written."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.scores_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(json_safe(line), sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_scores(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The score lines of a run, in order; a torn last line (crash while writing) is skipped."""
+    path = Path(output_dir) / SCORES_FILE
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return lines
