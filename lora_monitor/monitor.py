@@ -228,8 +228,7 @@ class LoraMonitor:
                 for image, path in zip(images, paths):
                     save_png_atomic(image, path)
                 exporting.write_json_atomic(key_file, {"key": key, "spec_fingerprint": self.spec.fingerprint()})
-            for listener in self.listeners:
-                _call(listener, "on_base_references", self, images)
+            self._notify("on_base_references", images)
         self._base_images = images
         return images
 
@@ -259,6 +258,12 @@ class LoraMonitor:
             return None
         references = self.base_references() if any(s.needs_reference for s in self.scorers) else None
         images = self.renderer.render(self.spec)
+        broken = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
+        if broken:
+            self._warn_once(
+                "non-finite",
+                f"epoch {epoch}: preview(s) {broken} contain NaN or inf values (has training diverged?); they score as the worst",
+            )
         scores = self.score(images, references)
         decision = self.policy.update(epoch, scores, step=step)
         result = self.policy.history[-1]
@@ -269,8 +274,7 @@ class LoraMonitor:
                 report.exported = self._export(report)
             self.record.append_scores(self._score_line(report))
             logger.info("epoch %d: %s", epoch, decision.reason)
-            for listener in self.listeners:
-                _call(listener, "on_evaluation", self, report)
+            self._notify("on_evaluation", report)
         return report
 
     # ----------------------------------------------------------------- export
@@ -338,13 +342,20 @@ class LoraMonitor:
         self.policy.load_state_dict(state["policy"])
         self.top_k_epochs = list(state["top_k_epochs"])
 
+    def _notify(self, event: str, payload: Any) -> None:
+        """Tell every listener; a listener that raises gets one warning and never stops training."""
+        for listener in self.listeners:
+            handler: Callable | None = getattr(listener, event, None)
+            if handler is None:
+                continue
+            try:
+                handler(self, payload)
+            except Exception as error:
+                name = type(listener).__name__
+                self._warn_once(f"listener:{name}", f"{name}.{event} failed ({error!r}); training goes on, the local record is complete")
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-
-def _call(listener: Any, method: str, *args: Any) -> None:
-    handler: Callable | None = getattr(listener, method, None)
-    if handler is not None:
-        handler(*args)

@@ -1,0 +1,49 @@
+"""Shared fixtures: the tiny offline Stable Diffusion model, built once per test session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A diffusers model folder with random weights, saved with save_pretrained (no download)."""
+    from lora_monitor.tiny import save_tiny_pipeline
+
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd"))
+
+
+@pytest.fixture
+def pipeline(tiny_model):
+    """The tiny pipeline loaded with from_pretrained, with a peft LoRA on its UNet."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    return pipe
+
+
+def nudge_lora(unet: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
+    """Move the LoRA weights as a training step would, deterministically."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+@pytest.fixture
+def small_spec():
+    from lora_monitor.spec import PreviewSpec
+
+    return PreviewSpec.from_prompts(["a red circle", "a blue square"], seed=7, steps=2, width=64, height=64)

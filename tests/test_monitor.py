@@ -1,0 +1,234 @@
+"""LoraMonitor end to end on the tiny model: export, record, base cache, top-k, state, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import nudge_lora
+from PIL import Image
+
+from lora_monitor import export as exporting
+from lora_monitor.monitor import LoraMonitor
+from lora_monitor.record import from_pil, read_scores
+from lora_monitor.render import PreviewRenderer
+from lora_monitor.scoring import get_scorer
+
+
+def make_monitor(pipe, spec, output_dir, **kwargs) -> LoraMonitor:
+    options = dict(metrics=("ssim",), monitor="ssim", spec=spec, output_dir=output_dir)
+    options.update(kwargs)
+    return LoraMonitor.from_pipeline(pipe, **options)
+
+
+class Lowest:
+    """A scorer whose polarity is 'lower is better': the mean pixel value. Stands for BRISQUE in these tests."""
+
+    name = "brightness"
+    higher_is_better = False
+    needs_reference = False
+
+    def __call__(self, images, reference=None):
+        return images.mean(dim=(1, 2, 3))
+
+
+def test_previews_equal_a_fresh_pipeline_loading_the_exported_lora(pipeline, tiny_model, small_spec, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    monitor = make_monitor(pipeline, small_spec, tmp_path)
+    nudge_lora(pipeline.unet, seed=1)
+    report = monitor.on_epoch_end(1, step=10)
+    assert report.is_best and report.exported == tmp_path / "best"
+
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    fresh.load_lora_weights(tmp_path / "best")
+    fresh_images = PreviewRenderer(
+        unet=fresh.unet, vae=fresh.vae, text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer, scheduler=fresh.scheduler
+    ).render(small_spec)
+    for ours, theirs in zip(report.images, fresh_images):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+    sidecar = exporting.read_sidecar(tmp_path / "best")
+    assert sidecar["epoch"] == 1 and sidecar["step"] == 10
+    assert sidecar["spec_fingerprint"] == small_spec.fingerprint()
+    assert sidecar["policy"]["metric"] == "ssim" and sidecar["scores"]["ssim"] == report.scores["ssim"]
+
+
+def test_record_holds_every_epoch_and_png_scores_equal_logged_scores(pipeline, small_spec, tmp_path):
+    monitor = make_monitor(pipeline, small_spec, tmp_path)
+    for epoch in (1, 2, 3):
+        nudge_lora(pipeline.unet, seed=epoch)
+        monitor.on_epoch_end(epoch, step=epoch * 5)
+    lines = read_scores(tmp_path)
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    assert [line["best_epoch"] for line in lines][-1] == monitor.best_epoch
+    for line in lines:
+        previews = torch.stack([from_pil(Image.open(tmp_path / path)) for path in line["previews"]])
+        base = torch.stack([from_pil(Image.open(p)) for p in sorted((tmp_path / "previews" / "base").glob("*.png"))])
+        rescored = get_scorer("ssim")(previews, base).tolist()
+        assert rescored == pytest.approx(line["scores"]["ssim"], abs=1e-6)
+
+
+def test_best_follows_the_scorers_polarity_and_sidecar_tracks_it(pipeline, small_spec, tmp_path):
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], monitor="brightness")
+    assert monitor.policy.mode == "min"
+    values = []
+    for epoch in (1, 2, 3):
+        nudge_lora(pipeline.unet, seed=epoch, scale=0.5)
+        values.append(monitor.on_epoch_end(epoch).aggregates["brightness"])
+    expected = 1 + min(range(3), key=lambda i: (values[i], i))
+    assert monitor.best_epoch == expected
+    assert exporting.read_sidecar(tmp_path / "best")["epoch"] == expected
+
+
+def test_top_k_keeps_the_k_best_epochs(pipeline, small_spec, tmp_path):
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], monitor="brightness", top_k=2)
+    values = {}
+    for epoch in (1, 2, 3, 4):
+        nudge_lora(pipeline.unet, seed=epoch, scale=0.5)
+        values[epoch] = monitor.on_epoch_end(epoch).aggregates["brightness"]
+    best_two = sorted(values, key=lambda e: (values[e], e))[:2]
+    kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "top_k").iterdir() if p.name.startswith("epoch-"))
+    assert kept == sorted(best_two)
+    for epoch in kept:
+        assert exporting.read_sidecar(tmp_path / "top_k" / f"epoch-{epoch:04d}")["epoch"] == epoch
+
+
+def test_base_references_are_cached_in_the_output_dir(pipeline, small_spec, tmp_path, monkeypatch):
+    first = make_monitor(pipeline, small_spec, tmp_path)
+    rendered = first.base_references()
+    second = make_monitor(pipeline, small_spec, tmp_path)
+    monkeypatch.setattr(second.renderer, "render_base", lambda *a, **k: pytest.fail("base rendered again despite the cache"))
+    loaded = second.base_references()
+    assert all(torch.equal(a, b) for a, b in zip(rendered, loaded))
+    # another spec does not reuse them
+    from lora_monitor.spec import PreviewSpec
+
+    third = make_monitor(pipeline, PreviewSpec.from_prompts(["a red circle", "a blue square"], seed=8, steps=2, width=64, height=64), tmp_path)
+    assert third.base_key() != first.base_key()
+
+
+def test_a_failed_export_leaves_the_previous_best_loadable(pipeline, tiny_model, small_spec, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], monitor="brightness")
+    nudge_lora(pipeline.unet, seed=1)
+    monitor.on_epoch_end(1)
+    before = (tmp_path / "best" / "pytorch_lora_weights.safetensors").read_bytes()
+    writer = monitor.write_weights
+
+    def fails_half_way(folder):
+        writer(folder)
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"\0" * 100)  # a torn file
+        raise OSError("disk full")
+
+    monitor.write_weights = fails_half_way
+    monitor.policy.best_value = float("inf")  # make epoch 2 a new best, so export is attempted
+    nudge_lora(pipeline.unet, seed=2)
+    with pytest.raises(OSError, match="disk full"):
+        monitor.on_epoch_end(2)
+    assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").read_bytes() == before
+    assert exporting.read_sidecar(tmp_path / "best")["epoch"] == 1
+    assert not list(tmp_path.glob(".best.tmp-*")) and not (tmp_path / "best.previous").exists()
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    fresh.load_lora_weights(tmp_path / "best")  # loadable
+
+
+def test_recover_finishes_an_interrupted_swap(tmp_path):
+    best = tmp_path / "best"
+    (tmp_path / "best.previous").mkdir()
+    (tmp_path / "best.previous" / "lora_monitor.json").write_text("{}")
+    exporting.recover(best)  # crash after old -> .previous, before new -> best
+    assert (best / "lora_monitor.json").exists() and not (tmp_path / "best.previous").exists()
+
+
+def test_nan_previews_score_worst_and_never_become_best(pipeline, small_spec, tmp_path):
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], monitor="brightness")
+    with torch.no_grad():
+        for name, parameter in pipeline.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        report = monitor.on_epoch_end(1)
+    assert not report.is_best and monitor.best_epoch is None
+    assert not (tmp_path / "best").exists()
+    assert read_scores(tmp_path)[0]["aggregates"]["brightness"] == "inf"
+
+
+def test_state_round_trips_through_accelerate_checkpoints(pipeline, small_spec, tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    monitor = make_monitor(pipeline, small_spec, tmp_path / "run", patience=3).attach(accelerator)
+    for epoch in (1, 2):
+        nudge_lora(pipeline.unet, seed=epoch)
+        monitor.on_epoch_end(epoch)
+    accelerator.save_state(str(tmp_path / "state"))
+
+    accelerator2 = Accelerator(cpu=True)
+    resumed = make_monitor(pipeline, small_spec, tmp_path / "run", patience=3).attach(accelerator2)
+    accelerator2.load_state(str(tmp_path / "state"))
+    assert resumed.state_dict() == monitor.state_dict()
+    assert resumed.best_epoch == monitor.best_epoch and resumed.policy.wait_count == monitor.policy.wait_count
+
+
+def test_state_from_another_spec_is_refused(pipeline, small_spec, tmp_path):
+    from lora_monitor.spec import PreviewSpec
+
+    state = make_monitor(pipeline, small_spec, tmp_path).state_dict()
+    other = make_monitor(pipeline, PreviewSpec.from_prompts(["x"], steps=2, width=64, height=64), tmp_path)
+    with pytest.raises(ValueError, match="same prompts"):
+        other.load_state_dict(state)
+
+
+# --- bad input: each a clear error when the monitor is built, i.e. before training starts ---------------------
+
+
+def prompt_file(tmp_path, text: str):
+    path = tmp_path / "prompts.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_options", "error", "pattern"),
+    [
+        (lambda p: {"spec": prompt_file(p, "a cat --w 64 --h 64\na dog --x 3\n")}, ValueError, r"prompts\.txt:2.*--x"),
+        (lambda p: {"spec": prompt_file(p, "a cat --w abc\n")}, ValueError, r"prompts\.txt:1.*abc"),
+        (lambda p: {"spec": prompt_file(p, "a cat --w 60 --h 64\n")}, ValueError, r"prompts\.txt:1.*multiple of 8, got 60"),
+        (lambda p: {"spec": p / "missing.txt"}, FileNotFoundError, r"missing\.txt"),
+        (lambda p: {"mode": "min"}, ValueError, r"contradicts.*ssim.*higher is better"),
+        (lambda p: {"patience": 0}, ValueError, r"patience must be"),
+        (lambda p: {"min_delta": -0.1}, ValueError, r"min_delta must be >= 0"),
+        (lambda p: {"monitor": "brisque"}, ValueError, r"monitor='brisque' is not among the metrics"),
+        (lambda p: {"metrics": ("ssim", "ssimm")}, ValueError, r"unknown metric 'ssimm'.*Did you mean 'ssim'"),
+        (lambda p: {"bounds": {"lpips": (0, 1)}}, ValueError, r"bounds name the metric 'lpips'"),
+        (lambda p: {"every_n_epochs": 0}, ValueError, r"every_n_epochs"),
+    ],
+    ids=["unknown-option", "malformed-value", "size-not-multiple-of-8", "missing-file", "mode-vs-polarity",
+         "patience-0", "negative-min-delta", "monitor-not-a-metric", "unknown-metric", "bound-not-a-metric", "every-0"],
+)
+def test_bad_settings_fail_when_the_monitor_is_built(pipeline, small_spec, tmp_path, make_options, error, pattern):
+    options = make_options(tmp_path)
+    with pytest.raises(error, match=pattern):
+        make_monitor(pipeline, options.pop("spec", small_spec), tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_size_that_does_not_fit_the_vae_is_refused(pipeline, tmp_path):
+    from lora_monitor.spec import PreviewSpec
+
+    # the tiny VAE has a scale factor of 2, so any multiple of 8 fits; emulate SD's factor 8 with a bigger spec check
+    spec = PreviewSpec.from_prompts(["a"], steps=2, width=64, height=64)
+    monitor = make_monitor(pipeline, spec, tmp_path)
+    monitor.renderer.pipeline.vae_scale_factor = 16
+    with pytest.raises(ValueError, match="divisible by 16"):
+        monitor.renderer.check_spec(PreviewSpec.from_prompts(["a"], steps=2, width=72, height=64))
+
+
+def test_prompt_file_spec_loads_through_the_monitor(pipeline, tmp_path):
+    spec_file = prompt_file(tmp_path, "# previews\na red circle --w 64 --h 64 --d 5 --s 2 --l 6.5 --n blurry\n")
+    monitor = make_monitor(pipeline, spec_file, tmp_path / "out")
+    prompt = monitor.spec.prompts[0]
+    assert (prompt.prompt, prompt.seed, prompt.steps, prompt.guidance_scale, prompt.negative_prompt) == ("a red circle", 5, 2, 6.5, "blurry")
+    assert json.loads(json.dumps(monitor.spec.to_dict())) == monitor.spec.to_dict()
