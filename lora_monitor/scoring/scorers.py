@@ -18,7 +18,9 @@ class Scorer(Protocol):
     """Scores a batch of images: (N, 3, H, W) in [0, 1] -> (N,) float tensor.
 
     NaN or +inf marks an image that could not be scored (black, flat, NaN input); the policy
-    treats it as the worst score.
+    treats it as the worst score. Optional hooks the monitor calls before training starts:
+    `check_size(height, width)` raises for a preview size the scorer cannot take, and
+    `prepare()` loads what the scorer needs (e.g. a model file), so problems surface early.
     """
 
     name: str
@@ -41,7 +43,84 @@ class SSIMScorer:
         return F.ssim(images, reference)
 
 
+class BrisqueScorer:
+    """BRISQUE (no reference; lower is better) with the LIVE-trained SVR model, batched.
+
+    The model is resolved on the first call (see brisque_model.resolve_brisque_model) unless
+    one is given. `dtype` is the working precision: float64 reproduces the official MATLAB
+    numbers, float32 is faster on GPUs and drifts by tenths on some images.
+    """
+
+    name = "brisque"
+    higher_is_better = False
+    needs_reference = False
+
+    def __init__(self, model=None, model_path: str | None = None, dtype: torch.dtype = torch.float64) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.model = model
+        self.model_path = model_path
+        self.dtype = dtype
+
+    def prepare(self) -> None:
+        """Resolve the SVR model now (the monitor calls this before training, so a missing model fails early)."""
+        from lora_monitor.scoring.brisque_model import resolve_brisque_model
+
+        if self.model is None:
+            self.model = resolve_brisque_model(self.model_path)
+
+    def check_size(self, height: int, width: int) -> None:
+        from lora_monitor.scoring.brisque import check_brisque_size
+
+        check_brisque_size(height, width)
+
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        from lora_monitor.scoring.brisque import brisque
+
+        self.prepare()
+        return brisque(images, self.model, dtype=self.dtype)
+
+
+class PyiqaScorer:
+    """Any pyiqa metric, for users who installed the optional `pyiqa` extra (non-commercial licence).
+
+    Polarity comes from pyiqa's `lower_better`, the need for a reference from its metric mode.
+    pyiqa is imported here, only when such a scorer is asked for.
+    """
+
+    def __init__(self, metric: str, device: str | torch.device | None = None, **metric_kwargs) -> None:
+        try:
+            import pyiqa
+        except ImportError:
+            raise ImportError(
+                f"the scorer 'pyiqa:{metric}' needs pyiqa: pip install 'lora-monitor[pyiqa]' "
+                "(pyiqa has a non-commercial licence and pulls torchvision)"
+            ) from None
+        available = list(pyiqa.list_models())
+        if metric not in available:
+            close = difflib.get_close_matches(metric, available, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(f'pyiqa:{c}' for c in close)}?" if close else ""
+            raise ValueError(f"unknown pyiqa metric {metric!r}.{hint}")
+        self._metric = pyiqa.create_metric(metric, device=torch.device(device or "cpu"), **metric_kwargs)
+        self.name = f"pyiqa:{metric}"
+        self.higher_is_better = not bool(self._metric.lower_better)
+        self.needs_reference = str(getattr(self._metric, "metric_mode", "NR")).upper() == "FR"
+
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        F.check_image_batch(images, "images")
+        if self.needs_reference:
+            if reference is None:
+                raise ValueError(f"the {self.name} scorer needs reference images")
+            F.check_image_batch(reference, "reference")
+            scores = self._metric(images, reference)
+        else:
+            scores = self._metric(images)
+        return torch.as_tensor(scores).detach().reshape(images.shape[0])
+
+
 _REGISTRY: dict[str, Callable[..., Scorer]] = {}
+# Families of scorers named "prefix:rest", built with factory(rest, **kwargs).
+_FAMILIES: dict[str, Callable[..., Scorer]] = {"pyiqa": PyiqaScorer}
 
 
 def register_scorer(name: str, factory: Callable[..., Scorer]) -> None:
@@ -57,9 +136,14 @@ def get_scorer(name: str, **kwargs) -> Scorer:
     """Build the scorer registered under `name`; an unknown name is answered with the close ones."""
     if name in _REGISTRY:
         return _REGISTRY[name](**kwargs)
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in _FAMILIES and rest:
+        return _FAMILIES[prefix](rest, **kwargs)
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown metric {name!r}; available: {', '.join(available_scorers())}.{hint}")
+    families = ", ".join(f"{family}:<metric>" for family in sorted(_FAMILIES))
+    raise ValueError(f"unknown metric {name!r}; available: {', '.join(available_scorers())}, {families}.{hint}")
 
 
 register_scorer("ssim", SSIMScorer)
+register_scorer("brisque", BrisqueScorer)

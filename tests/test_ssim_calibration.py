@@ -1,0 +1,80 @@
+"""SSIM checked like BRISQUE: Wang's MATLAB SSIM on rgb2gray against the published numbers."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lora_monitor.scoring.functional import ssim
+from lora_monitor.scoring.ssim_reference import ssim_grey_wang
+
+CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "calibration"
+
+
+def load_rgb(path: Path) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).unsqueeze(0).to(torch.float64) / 255
+
+
+def calibration_rows() -> list[dict]:
+    if not (CALIBRATION / "reference.csv").is_file():
+        return []
+    with open(CALIBRATION / "reference.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small float64 convolutions; on a busy 2-core runner one thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    rows = calibration_rows()
+    if not rows:
+        pytest.skip(f"calibration data not found at {CALIBRATION} (the shared/ folder next to the repository)")
+    return {
+        row["image"]: (load_rgb(CALIBRATION / "brisque" / row["image"]),
+                       load_rgb(CALIBRATION / "ssim_ref" / row["image"]), float(row["ssim_official"]))
+        for row in rows
+    }
+
+
+@pytest.mark.parametrize("image", ["I03.bmp", "I04.bmp", "I06.bmp", "I08.bmp", "I19.bmp"])
+def test_grey_ssim_matches_wang_matlab(pairs, image):
+    distorted, pristine, official = pairs[image]
+    assert ssim_grey_wang(distorted, pristine).item() == pytest.approx(official, abs=0.001)
+
+
+def test_batched_grey_ssim_equals_per_pair(pairs):
+    distorted = torch.cat([d for d, _, _ in pairs.values()])
+    pristine = torch.cat([p for _, p, _ in pairs.values()])
+    together = ssim_grey_wang(distorted, pristine)
+    one_by_one = torch.cat([ssim_grey_wang(d, p) for d, p, _ in pairs.values()])
+    torch.testing.assert_close(together, one_by_one, atol=1e-10, rtol=0)
+
+
+def test_identical_images_score_one_and_colour_ssim_is_a_different_number(pairs):
+    distorted, pristine, official = pairs["I04.bmp"]
+    assert ssim_grey_wang(pristine, pristine).item() == pytest.approx(1.0, abs=1e-12)
+    # The monitor's default colour SSIM (torchmetrics, three channels, data range 1) is its own
+    # number: for I04 it gives about 0.93 where the grey MATLAB SSIM gives 0.998.
+    colour = ssim(distorted.float(), pristine.float()).item()
+    assert 0 < colour < 1 and abs(colour - official) > 0.01
+
+
+def test_shape_mismatch_and_tiny_images_are_errors():
+    with pytest.raises(ValueError, match="same shape"):
+        ssim_grey_wang(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 33))
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim_grey_wang(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
