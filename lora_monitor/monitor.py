@@ -147,11 +147,14 @@ class LoraMonitor:
             progress=progress,
         )
         self.renderer.check_spec(self.spec)
-        for scorer in self.scorers:
-            check = getattr(scorer, "check_size", None)
-            if check is not None:
+        for scorer in self.scorers:  # optional scorer hooks: fail now rather than at the first epoch end
+            check_size = getattr(scorer, "check_size", None)
+            if check_size is not None:
                 for prompt in self.spec.prompts:
-                    check(prompt.height, prompt.width)
+                    check_size(prompt.height, prompt.width)
+            prepare = getattr(scorer, "prepare", None)
+            if prepare is not None:
+                prepare()
         self.write_weights = write_weights or exporting.diffusers_lora_writer(self.unet, self.text_encoder)
         self.record = RunRecord(self.output_dir)
         self.listeners = list(listeners)
