@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, BrisqueModelError) as error:  # bad input: a message, not a traceback
         print(f"lora-monitor {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
 
 
 if __name__ == "__main__":
