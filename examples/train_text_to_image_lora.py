@@ -32,6 +32,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from lora_monitor import LoraMonitor, PreviewSpec
 from lora_monitor.demo import load_image_folder
+from lora_monitor.integrations.trackers import listeners_for
 
 logger = get_logger(__name__)
 
@@ -100,6 +101,7 @@ def main(argv=None) -> None:
         spec=spec, output_dir=output_dir / "monitor", monitor=args.monitor_metric,
         metrics=tuple(dict.fromkeys([args.monitor_metric, "brisque", "ssim"])),
         patience=args.patience, min_delta=args.min_delta, bounds=bounds, every_n_epochs=args.preview_every_n_epochs,
+        listeners=listeners_for(args.report_to),  # previews and scores in W&B / TensorBoard
     )
 
     items = load_image_folder(args.train_data_dir, args.resolution)
@@ -157,6 +159,7 @@ def main(argv=None) -> None:
         print(f"best epoch: {best} -> {output_dir / 'monitor' / 'best'}" if best is not None else "no epoch qualified as best")
         if monitor.should_stop:
             print(monitor.policy.stop_reason)
+    monitor.close()
     accelerator.end_training()
 
 

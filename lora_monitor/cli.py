@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_demo(args: argparse.Namespace) -> int:
     from lora_monitor.demo import TrainConfig, train, write_synthetic_dataset
+    from lora_monitor.integrations.trackers import listeners_for
     from lora_monitor.tiny import save_tiny_pipeline
 
     output_dir = Path(args.output_dir).resolve()
@@ -79,7 +80,7 @@ def run_demo(args: argparse.Namespace) -> int:
             seed=args.seed,
             report_to=args.report_to,
             learning_rate=1e-2,
-            monitor=dict(metrics=metrics, monitor=args.metric, patience=args.patience),
+            monitor=dict(metrics=metrics, monitor=args.metric, patience=args.patience, listeners=listeners_for(args.report_to)),
             on_report=show,
         )
     )

@@ -163,6 +163,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             break
         if config.stop_after_epoch is not None and epoch + 1 >= config.stop_after_epoch:
             break
+    if monitor is not None:
+        monitor.close()
     accelerator.end_training()
     lora = {k: v.detach().clone() for k, v in get_peft_model_state_dict(accelerator.unwrap_model(unet)).items()}
     return {"lora": lora, "monitor": monitor, "unet": accelerator.unwrap_model(unet), "accelerator": accelerator}

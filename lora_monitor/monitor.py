@@ -231,8 +231,9 @@ class LoraMonitor:
                 for image, path in zip(images, paths):
                     save_png_atomic(image, path)
                 exporting.write_json_atomic(key_file, {"key": key, "spec_fingerprint": self.spec.fingerprint()})
-            self._notify("on_base_references", images)
         self._base_images = images
+        if self.is_main_process:
+            self._notify("on_base_references", images)
         return images
 
     # ----------------------------------------------------------------- evaluation
@@ -279,6 +280,16 @@ class LoraMonitor:
             logger.info("epoch %d: %s", epoch, decision.reason)
             self._notify("on_evaluation", report)
         return report
+
+    def close(self) -> None:
+        """End of training: listeners that hold something open (a W&B run they started) finish it."""
+        for listener in self.listeners:
+            finish = getattr(listener, "finish", None)
+            if finish is not None:
+                try:
+                    finish()
+                except Exception as error:
+                    self._warn_once(f"listener:{type(listener).__name__}", f"{type(listener).__name__}.finish failed ({error!r})")
 
     # ----------------------------------------------------------------- export
     def sidecar(self, report: EpochReport) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def test_previews_equal_a_fresh_pipeline_loading_the_exported_lora(pipeline, tin
     assert report.is_best and report.exported == tmp_path / "best"
 
     fresh = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
-    fresh.load_lora_weights(tmp_path / "best")
+    fresh.load_lora_weights(tmp_path / "best", weight_name="pytorch_lora_weights.safetensors")
     fresh_images = PreviewRenderer(
         unet=fresh.unet, vae=fresh.vae, text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer, scheduler=fresh.scheduler
     ).render(small_spec)
@@ -131,7 +131,7 @@ def test_a_failed_export_leaves_the_previous_best_loadable(pipeline, tiny_model,
     assert exporting.read_sidecar(tmp_path / "best")["epoch"] == 1
     assert not list(tmp_path.glob(".best.tmp-*")) and not (tmp_path / "best.previous").exists()
     fresh = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
-    fresh.load_lora_weights(tmp_path / "best")  # loadable
+    fresh.load_lora_weights(tmp_path / "best", weight_name="pytorch_lora_weights.safetensors")  # loadable
 
 
 def test_recover_finishes_an_interrupted_swap(tmp_path):

@@ -1,0 +1,320 @@
+"""WandbListener with real wandb in offline mode, read back from what it wrote to disk.
+
+The offline run's transaction log (run-<id>.wandb: a leveldb-style log of wandb protobuf Records)
+holds the config, history rows, summary updates, metric definitions and artifact records; the
+run's files/media folder holds the images and table JSON; artifact files are staged under
+WANDB_DATA_DIR.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import nudge_lora
+from PIL import Image
+
+from lora_monitor.monitor import LoraMonitor
+from lora_monitor.record import read_scores
+
+wandb = pytest.importorskip("wandb")
+from wandb.proto import wandb_internal_pb2  # noqa: E402
+
+from lora_monitor.integrations.trackers import TrackersListener  # noqa: E402
+from lora_monitor.integrations.wandb_logger import WandbListener  # noqa: E402
+
+SECRET = "lmtestsecret0123456789abcdef0123456789ab"  # a fake API key that must appear nowhere
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """Offline W&B with every folder in tmp_path; finishes any run a test leaves open."""
+    folders = {}
+    for name in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        folders[name] = tmp_path / name.lower()
+        folders[name].mkdir()
+        monkeypatch.setenv(name, str(folders[name]))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    yield folders
+    if wandb.run is not None:
+        wandb.run.finish()
+    wandb.teardown()  # the next test's wandb.init reads its own WANDB_* folders
+
+
+def close_wandb() -> None:
+    """Shut the wandb service down: only then is the offline run's log complete on disk (measured:
+    right after run.finish() the .wandb file can still be empty), and the settings singleton resets."""
+    wandb.teardown()
+
+
+def read_records(path: Path) -> list:
+    """The protobuf Records of a .wandb file: a 7-byte header (':W&B', magic, version), then
+    leveldb log records (crc32c, length, type FULL/FIRST/MIDDLE/LAST) in 32 KiB blocks."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    block, position, pending, records = 32768, 7, b"", []
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0:  # zero padding up to the end of the block
+            position += left
+            continue
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+class OfflineRun:
+    """What one finished offline run left on disk."""
+
+    def __init__(self, wandb_dir: Path) -> None:
+        runs = sorted((wandb_dir / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, f"expected one offline run, found {runs}"
+        self.folder = runs[0]
+        log = next(self.folder.glob("run-*.wandb"))
+        deadline = time.monotonic() + 30
+        while True:
+            self.records = read_records(log)
+            if (self.records and self.records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert self.records[-1].WhichOneof("record_type") == "exit", f"{log} has no exit record: the run did not finish"
+
+    def of(self, kind: str) -> list:
+        return [getattr(r, kind) for r in self.records if r.WhichOneof("record_type") == kind]
+
+    @property
+    def history(self) -> list[dict]:
+        rows = []
+        for history in self.of("history"):
+            row: dict = {}
+            for item in history.item:
+                key = item.key or item.nested_key[0]
+                if item.key or len(item.nested_key) == 1:
+                    row[key] = json.loads(item.value_json)
+                else:
+                    row.setdefault(key, {})[item.nested_key[1]] = json.loads(item.value_json)
+            rows.append(row)
+        return rows
+
+    @property
+    def summary(self) -> dict:
+        merged: dict = {}
+        for summary in self.of("summary"):
+            for item in summary.update:
+                if item.key:
+                    merged[item.key] = json.loads(item.value_json)
+        return merged
+
+    @property
+    def config(self) -> dict:
+        merged = {}
+        for config in [self.of("run")[0].config, *self.of("config")]:  # at init, then each config.update
+            merged.update({item.key: json.loads(item.value_json) for item in config.update})
+        return merged
+
+    def artifacts(self, type_: str) -> list:
+        return [a for a in self.of("artifact") if a.type == type_]
+
+
+def make_monitor(pipe, spec, output_dir, **kwargs) -> LoraMonitor:
+    options = dict(metrics=("ssim",), monitor="ssim", spec=spec, output_dir=output_dir)
+    options.update(kwargs)
+    return LoraMonitor.from_pipeline(pipe, **options)
+
+
+def zero_lora(unet: torch.nn.Module) -> None:
+    """LoRA B = 0: the adapter is a no-op, so the previews equal the base and SSIM is at its best."""
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+
+
+def test_offline_run_holds_images_table_summary_and_best_artifacts(pipeline, small_spec, tmp_path, wandb_env):
+    listener = WandbListener(project="lm-test", name="offline")
+    monitor = make_monitor(pipeline, small_spec, tmp_path / "out", patience=1, listeners=[listener])
+    nudge_lora(pipeline.unet, seed=1)
+    first = monitor.on_epoch_end(1, step=10)  # first best
+    zero_lora(pipeline.unet)
+    second = monitor.on_epoch_end(2, step=20)  # better: equals the base
+    nudge_lora(pipeline.unet, seed=3)
+    third = monitor.on_epoch_end(3, step=30)  # worse: patience 1 runs out
+    assert first.is_best and second.is_best and not third.is_best and third.should_stop
+    assert listener.owns_run and listener.errors == []
+    listener.finish()
+    close_wandb()
+    run = OfflineRun(wandb_env["WANDB_DIR"])
+
+    # config: the monitor's settings
+    config = run.config["lora_monitor"]
+    assert config["spec_fingerprint"] == small_spec.fingerprint()
+    assert config["policy"]["metric"] == "ssim" and config["policy"]["patience"] == 1
+    assert [p["prompt"] for p in config["prompts"]] == ["a red circle", "a blue square"]
+
+    # scalars against monitor/epoch
+    metrics = run.of("metric")
+    assert any(m.glob_name == "monitor/*" and m.step_metric == "monitor/epoch" for m in metrics)
+    rows = [row for row in run.history if "monitor/epoch" in row]
+    assert [row["monitor/epoch"] for row in rows] == [1, 2, 3]
+    for row, report in zip(rows, (first, second, third)):
+        assert row["monitor/ssim_mean"] == pytest.approx(report.aggregates["ssim"])
+        assert row["monitor/ssim/prompt_01"] == pytest.approx(report.scores["ssim"][1])
+        assert row["monitor/previews"]["count"] == 2
+    assert [("monitor/base" in row) for row in rows] == [True, False, False]
+    assert rows[0]["monitor/contact_sheet"]["width"] < rows[2]["monitor/contact_sheet"]["width"]  # a column per epoch
+
+    # images and tables on disk
+    media = run.folder / "files" / "media"
+    previews = sorted((media / "images" / "monitor").glob("previews_*.png"))
+    assert len(previews) == 6 and Image.open(previews[0]).size == (64, 64)
+    sheets = sorted((media / "images" / "monitor").glob("contact_sheet_*.png"), key=lambda p: p.stat().st_mtime)
+    assert len(sheets) == 3
+    assert len(list((media / "table" / "monitor").glob("table_*.table.json"))) == 3
+    tables = run.artifacts("run_table")  # offline, the full table (with image references) is staged as an artifact
+    assert len(tables) == 3
+    staged = {entry.path: Path(entry.local_path) for entry in tables[-1].manifest.contents}
+    table = json.loads(staged["monitor/table.table.json"].read_text())
+    assert table["columns"] == ["epoch", "index", "prompt", "seed", "preview", "base", "ssim"]
+    assert [row[:4] for row in table["data"]] == [[3, 0, "a red circle", 7], [3, 1, "a blue square", 8]]
+    assert [row[6] for row in table["data"]] == pytest.approx(third.scores["ssim"])
+    for row in table["data"]:
+        for cell in (row[4], row[5]):  # preview and base
+            assert cell["_type"] == "image-file" and staged[cell["path"]].is_file()
+
+    # summary
+    summary = run.summary
+    assert summary["monitor/best_epoch"] == 2
+    assert summary["monitor/best_ssim"] == pytest.approx(second.aggregates["ssim"])
+    assert summary["monitor/stop_epoch"] == 3
+    assert summary["monitor/stop_reason"].startswith("Stopping at epoch 3")
+
+    # best checkpoint artifacts: one per new best, never for epoch 3
+    artifacts = run.artifacts("model")
+    assert [sorted(a.aliases) for a in artifacts] == [["best", "epoch-1", "latest"], ["best", "epoch-2", "latest"]]
+    metadata = json.loads(artifacts[1].metadata)
+    assert metadata["epoch"] == 2 and metadata["spec_fingerprint"] == small_spec.fingerprint()
+    assert metadata["policy"]["metric"] == "ssim" and metadata["scores"]["ssim"] == second.scores["ssim"]
+    files = {entry.path: Path(entry.local_path) for entry in artifacts[1].manifest.contents}
+    assert "pytorch_lora_weights.safetensors" in files
+    staged = files["pytorch_lora_weights.safetensors"]
+    assert staged.is_relative_to(wandb_env["WANDB_DATA_DIR"]) and staged.is_file()
+    assert staged.read_bytes() == (tmp_path / "out" / "best" / "pytorch_lora_weights.safetensors").read_bytes()
+
+    # the local record is the monitor's, complete, and no API key was written anywhere
+    assert [line["epoch"] for line in read_scores(tmp_path / "out")] == [1, 2, 3]
+    leaked = [path for path in tmp_path.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
+    assert leaked == []
+
+
+def test_logs_into_accelerates_wandb_run_and_trackers_listener_does_not_repeat_it(pipeline, small_spec, tmp_path, wandb_env):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(log_with="wandb")
+    accelerator.init_trackers("lm-accelerate")
+    user_run = accelerator.get_tracker("wandb", unwrap=True)
+    listener = WandbListener(upload_checkpoints=False)
+    monitor = make_monitor(pipeline, small_spec, tmp_path / "out", listeners=[listener, TrackersListener()]).attach(accelerator)
+    for epoch in (1, 2):
+        nudge_lora(pipeline.unet, seed=epoch)
+        monitor.on_epoch_end(epoch, step=epoch * 5)
+    assert listener.run is user_run and not listener.owns_run
+    accelerator.end_training()
+    close_wandb()
+    run = OfflineRun(wandb_env["WANDB_DIR"])  # one run: the listener started none
+    assert run.config["lora_monitor"]["metrics"] == ["ssim"]
+    rows = [row for row in run.history if "monitor/ssim_mean" in row]
+    assert [row["monitor/epoch"] for row in rows] == [1, 2]  # once per epoch: TrackersListener left W&B alone
+    assert run.artifacts("model") == []  # uploads off
+    assert run.summary["monitor/best_epoch"] == 1
+
+
+def test_a_failing_log_warns_once_later_epochs_still_arrive_and_other_ranks_stay_silent(pipeline, small_spec, tmp_path, wandb_env, monkeypatch):
+    run = wandb.init(project="lm-test")
+    calls = {"n": 0}
+    real_log = run.log
+
+    def log_failing_once(data, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        return real_log(data, *args, **kwargs)
+
+    monkeypatch.setattr(run, "log", log_failing_once)
+    listener = WandbListener()
+    monitor = make_monitor(pipeline, small_spec, tmp_path / "out", listeners=[listener])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in (1, 2):
+            nudge_lora(pipeline.unet, seed=epoch)
+            report = monitor.on_epoch_end(epoch)
+    ours = [w for w in caught if "W&B" in str(w.message)]
+    assert len(ours) == 1 and "No space left on device" in str(ours[0].message)
+    assert not listener.disabled and len(listener.errors) == 1
+
+    # on any other process of a multi-process run, a listener never touches W&B
+    rank_one = WandbListener()
+    monitor.accelerator = SimpleNamespace(is_main_process=False, trackers=[])  # rank 1 (a fake: one process here)
+    rank_one.on_base_references(monitor, report.images)
+    rank_one.on_evaluation(monitor, report)
+    assert rank_one.run is None and rank_one.errors == [] and calls["n"] == 2  # it did not even adopt wandb.run
+    run.finish()
+    close_wandb()
+    rows = [row for row in OfflineRun(wandb_env["WANDB_DIR"]).history if "monitor/epoch" in row]
+    assert [row["monitor/epoch"] for row in rows] == [2]
+    assert len(read_scores(tmp_path / "out")) == 2
+
+
+def test_wandb_init_raising_leaves_training_and_the_local_record_whole(tiny_model, small_spec, tmp_path, wandb_env, monkeypatch):
+    from lora_monitor.demo import TrainConfig, train, write_synthetic_dataset
+
+    calls = {"n": 0}
+
+    def broken_init(*args, **kwargs):
+        calls["n"] += 1
+        raise wandb.errors.UsageError(f"api_key not configured (no-tty); tried key {SECRET}")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    listener = WandbListener(project="lm-test")
+    data = write_synthetic_dataset(tmp_path / "data", count=4)
+    config = TrainConfig(
+        pretrained=tiny_model, train_data_dir=str(data), output_dir=str(tmp_path / "run"), epochs=2, batch_size=2,
+        monitor={"metrics": ("ssim",), "monitor": "ssim", "spec": small_spec, "listeners": [listener]},
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(config)
+    about_wandb = [w for w in caught if "W&B" in str(w.message) or "Wandb" in str(w.message)]
+    assert len(about_wandb) == 1, [str(w.message) for w in about_wandb]
+    message = str(about_wandb[0].message)
+    assert "api_key not configured" in message and SECRET not in message
+    assert calls["n"] == 1 and listener.disabled
+    record = tmp_path / "run" / "monitor"
+    lines = read_scores(record)
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert all((record / path).is_file() for line in lines for path in line["previews"])
+    assert (record / "best" / "pytorch_lora_weights.safetensors").is_file()
+    assert result["monitor"].policy.history[-1].epoch == 2
+
+
+def test_bad_settings_fail_at_construction():
+    with pytest.raises(ValueError, match="namespace"):
+        WandbListener(namespace="/monitor")
+    with pytest.raises(ValueError, match="artifact_name"):
+        WandbListener(artifact_name="best lora")
