@@ -19,7 +19,7 @@ from lora_monitor import export as exporting
 from lora_monitor.policy import BestEpochPolicy, Decision
 from lora_monitor.record import RunRecord, from_pil, save_png_atomic
 from lora_monitor.render import PreviewRenderer
-from lora_monitor.scoring import Scorer, get_scorer
+from lora_monitor.scoring import Scorer, get_scorer, score_images
 from lora_monitor.spec import PreviewSpec
 
 logger = logging.getLogger("lora_monitor")
@@ -84,13 +84,13 @@ class LoraMonitor:
     def __init__(
         self,
         *,
-        unet: torch.nn.Module,
-        vae: torch.nn.Module,
-        text_encoder: torch.nn.Module,
-        tokenizer,
-        scheduler,
         spec: PreviewSpec | str | os.PathLike,
         output_dir: str | os.PathLike,
+        unet: torch.nn.Module | None = None,
+        vae: torch.nn.Module | None = None,
+        text_encoder: torch.nn.Module | None = None,
+        tokenizer=None,
+        scheduler=None,
         metrics: Sequence[str] = ("brisque", "ssim"),
         monitor: str = "brisque",
         mode: str | None = None,
@@ -134,19 +134,28 @@ class LoraMonitor:
         self.every_n_epochs = every_n_epochs
         self.top_k = top_k
         self.export = export
-        self.unet = unwrap(unet)
-        self.text_encoder = unwrap(text_encoder)
-        self.renderer = PreviewRenderer(
-            unet=self.unet,
-            vae=unwrap(vae),
-            text_encoder=self.text_encoder,
-            tokenizer=tokenizer,
-            scheduler=scheduler,
-            sampler=sampler,
-            batch_size=batch_size,
-            progress=progress,
-        )
-        self.renderer.check_spec(self.spec)
+        # Without the diffusers modules the monitor scores images rendered elsewhere (a trainer's own
+        # samples, files on disk): pass them to evaluate() and the base renders to set_base_references().
+        modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+        given = [name for name, module in modules.items() if module is not None]
+        if given and len(given) != len(modules):
+            missing = [name for name in modules if name not in given]
+            raise ValueError(f"to render previews the monitor needs unet, vae, text_encoder, tokenizer and scheduler; missing: {', '.join(missing)}")
+        self.unet = unwrap(unet) if unet is not None else None
+        self.text_encoder = unwrap(text_encoder) if text_encoder is not None else None
+        self.renderer: PreviewRenderer | None = None
+        if self.unet is not None:
+            self.renderer = PreviewRenderer(
+                unet=self.unet,
+                vae=unwrap(vae),
+                text_encoder=self.text_encoder,
+                tokenizer=tokenizer,
+                scheduler=scheduler,
+                sampler=sampler,
+                batch_size=batch_size,
+                progress=progress,
+            )
+            self.renderer.check_spec(self.spec)
         for scorer in self.scorers:  # optional scorer hooks: fail now rather than at the first epoch end
             check_size = getattr(scorer, "check_size", None)
             if check_size is not None:
@@ -155,7 +164,11 @@ class LoraMonitor:
             prepare = getattr(scorer, "prepare", None)
             if prepare is not None:
                 prepare()
-        self.write_weights = write_weights or exporting.diffusers_lora_writer(self.unet, self.text_encoder)
+        if write_weights is None and self.unet is not None:
+            write_weights = exporting.diffusers_lora_writer(self.unet, self.text_encoder)
+        if export and write_weights is None:
+            raise ValueError("export=True needs the unet (to save its LoRA) or write_weights=; pass export=False to only score")
+        self.write_weights = write_weights
         self.record = RunRecord(self.output_dir)
         self.listeners = list(listeners)
         self.accelerator = None
@@ -179,7 +192,8 @@ class LoraMonitor:
     def attach(self, accelerator) -> "LoraMonitor":
         """Join the Accelerator's checkpoints (save_state/load_state) and use its mixed-precision autocast."""
         self.accelerator = accelerator
-        self.renderer.autocast = accelerator.autocast
+        if self.renderer is not None:
+            self.renderer.autocast = accelerator.autocast
         accelerator.register_for_checkpointing(self)
         return self
 
@@ -201,6 +215,8 @@ class LoraMonitor:
     # ----------------------------------------------------------------- base references
     def base_key(self) -> str:
         """Identifies the base renders: the spec, the sampler and the base weights (LoRA parameters excluded)."""
+        if self.renderer is None:
+            raise ValueError("base_key() needs the diffusers modules; without them base renders come from set_base_references()")
         digest = hashlib.sha256()
         digest.update(self.spec.fingerprint().encode())
         digest.update(self.renderer.sampler.encode())
@@ -215,6 +231,11 @@ class LoraMonitor:
         """The base model's previews (LoRA off): from memory, else from the output dir when the key matches, else rendered."""
         if self._base_images is not None:
             return self._base_images
+        if self.renderer is None:
+            raise ValueError(
+                "no base references: this monitor has no diffusers modules to render them; "
+                "call set_base_references(images) with the base model's renders first"
+            )
         key = self.base_key()
         folder = self.record.preview_dir(None)
         paths = self.record.preview_paths(None, [p.seed for p in self.spec.prompts])
@@ -231,37 +252,45 @@ class LoraMonitor:
                 for image, path in zip(images, paths):
                     save_png_atomic(image, path)
                 exporting.write_json_atomic(key_file, {"key": key, "spec_fingerprint": self.spec.fingerprint()})
-        self._base_images = images
-        if self.is_main_process:
-            self._notify("on_base_references", images)
+        self.set_base_references(images)
         return images
+
+    def set_base_references(self, images: Sequence[torch.Tensor]) -> None:
+        """Use these base-model renders (LoRA off; one per prompt, same seeds) as the references."""
+        if len(images) != len(self.spec):
+            raise ValueError(f"got {len(images)} base images for {len(self.spec)} preview prompts")
+        self._base_images = [quantize(image) for image in images]
+        if self.is_main_process:
+            self._notify("on_base_references", self._base_images)
 
     # ----------------------------------------------------------------- evaluation
     def score(self, images: Sequence[torch.Tensor], references: Sequence[torch.Tensor] | None) -> dict[str, list[float]]:
-        """Every scorer on every image, batched by image size; a failing scorer gives NaN (the worst score) and one warning."""
-        by_size: dict[tuple[int, ...], list[int]] = {}
-        for index, image in enumerate(images):
-            by_size.setdefault(tuple(image.shape), []).append(index)
-        scores = {scorer.name: [float("nan")] * len(images) for scorer in self.scorers}
-        for indices in by_size.values():
-            batch = quantize(torch.stack([images[i] for i in indices]))
-            reference = torch.stack([references[i] for i in indices]) if references is not None else None
-            for scorer in self.scorers:
-                try:
-                    values = scorer(batch, reference if scorer.needs_reference else None)
-                except Exception as error:  # scoring must never stop training
-                    self._warn_once(f"scorer:{scorer.name}", f"scorer {scorer.name!r} failed ({error}); its scores are NaN (the worst)")
-                    continue
-                for i, value in zip(indices, values.tolist()):
-                    scores[scorer.name][i] = float(value)
-        return scores
+        """Every scorer on every image (rounded to 8 bits, as saved); a failing scorer gives NaN and one warning."""
+        return score_images(self.scorers, [quantize(image) for image in images], references, warn=self._warn_once)
 
     def on_epoch_end(self, epoch: int, step: int | None = None, *, force: bool = False) -> EpochReport | None:
-        """Evaluate `epoch` if it is due (every_n_epochs) or `force`; returns the report, or None when not due."""
+        """Render and evaluate `epoch` if it is due (every_n_epochs) or `force`; returns the report, or None when not due."""
         if not (force or self.due(epoch)):
             return None
-        references = self.base_references() if any(s.needs_reference for s in self.scorers) else None
-        images = self.renderer.render(self.spec)
+        if self.renderer is None:
+            raise ValueError("this monitor has no diffusers modules to render with; call evaluate(epoch, images) instead")
+        references = self.base_references() if self.needs_references else None
+        return self.evaluate(epoch, self.renderer.render(self.spec), step=step, references=references)
+
+    @property
+    def needs_references(self) -> bool:
+        return any(scorer.needs_reference for scorer in self.scorers)
+
+    def evaluate(
+        self, epoch: int, images: Sequence[torch.Tensor], *, step: int | None = None, references: Sequence[torch.Tensor] | None = None
+    ) -> EpochReport:
+        """Score `images` (one (3, H, W) tensor in [0, 1] per preview prompt, in spec order) as epoch `epoch`:
+        decide, record, export and tell the listeners. Used by on_epoch_end and for images rendered elsewhere."""
+        images = list(images)
+        if len(images) != len(self.spec):
+            raise ValueError(f"got {len(images)} images for epoch {epoch}, but the spec has {len(self.spec)} preview prompts")
+        if references is None and self.needs_references:
+            references = self.base_references()
         broken = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
         if broken:
             self._warn_once(

@@ -6,7 +6,7 @@ reference image. The policy reads the polarity from here instead of asking the u
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -147,3 +147,34 @@ def get_scorer(name: str, **kwargs) -> Scorer:
 
 register_scorer("ssim", SSIMScorer)
 register_scorer("brisque", BrisqueScorer)
+
+
+def score_images(
+    scorers: Sequence[Scorer],
+    images: Sequence[torch.Tensor],
+    references: Sequence[torch.Tensor] | None = None,
+    warn: Callable[[str, str], None] | None = None,
+) -> dict[str, list[float]]:
+    """Every scorer on every image ((3, H, W) in [0, 1]), batched by image size: {name: one score per image}.
+
+    A scorer that raises gives NaN (the worst score) for that batch and a call of `warn(key, message)`,
+    so scoring never stops a training run; without `warn` the error propagates.
+    """
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(index)
+    scores = {scorer.name: [float("nan")] * len(images) for scorer in scorers}
+    for indices in by_size.values():
+        batch = torch.stack([images[i] for i in indices])
+        reference = torch.stack([references[i] for i in indices]) if references is not None else None
+        for scorer in scorers:
+            try:
+                values = scorer(batch, reference if scorer.needs_reference else None)
+            except Exception as error:
+                if warn is None:
+                    raise
+                warn(f"scorer:{scorer.name}", f"scorer {scorer.name!r} failed ({error}); its scores are NaN (the worst)")
+                continue
+            for i, value in zip(indices, values.tolist()):
+                scores[scorer.name][i] = float(value)
+    return scores
