@@ -247,13 +247,13 @@ class LoraMonitor:
 
                 images = [from_pil(Image.open(path)) for path in paths]
         if images is None:
-            images = [quantize(image) for image in self.renderer.render_base(self.spec)]
+            images = self.renderer.render_base(self.spec)
             if self.is_main_process:
                 for image, path in zip(images, paths):
                     save_png_atomic(image, path)
                 exporting.write_json_atomic(key_file, {"key": key, "spec_fingerprint": self.spec.fingerprint()})
         self.set_base_references(images)
-        return images
+        return self._base_images
 
     def set_base_references(self, images: Sequence[torch.Tensor]) -> None:
         """Use these base-model renders (LoRA off; one per prompt, same seeds) as the references."""
@@ -302,7 +302,7 @@ class LoraMonitor:
         result = self.policy.history[-1]
         report = EpochReport(epoch, step, images, scores, decision, aggregates=dict(result.aggregates))
         if self.is_main_process:
-            report.preview_paths = self.record.save_previews(epoch, [quantize(i) for i in images], [p.seed for p in self.spec.prompts])
+            report.preview_paths = self.record.save_previews(epoch, images, [p.seed for p in self.spec.prompts])
             if self.export:
                 report.exported = self._export(report)
             self.record.append_scores(self._score_line(report))
