@@ -162,8 +162,6 @@ class TrackersListener:
     def on_evaluation(self, monitor: "LoraMonitor", report: "EpochReport") -> None:
         if not monitor.is_main_process or monitor.accelerator is None:
             return
-        if self._base is None and any(s.needs_reference for s in monitor.scorers):
-            self.on_base_references(monitor, monitor.base_references())  # already in memory: it was just scored against
         if self.sheet is not None:
             self.sheet.add(report.epoch, report.images)
         step = report.step if report.step is not None else report.epoch

@@ -121,8 +121,6 @@ class WandbListener:
     def on_evaluation(self, monitor: "LoraMonitor", report: "EpochReport") -> None:
         if not monitor.is_main_process or self.disabled:
             return
-        if self._base is None and any(s.needs_reference for s in monitor.scorers):
-            self.on_base_references(monitor, monitor.base_references())  # already in memory: it was just scored against
         if self.sheet is not None:
             self.sheet.add(report.epoch, report.images)
         run = self._ensure_run(monitor)
