@@ -40,7 +40,6 @@ def test_monitor_renders_with_the_unet_that_trains(tiny_model, data_dir, tmp_pat
     assert result["monitor"].renderer.unet is result["unet"]
 
 
-@pytest.mark.slow
 def test_resumed_run_reaches_the_same_best_and_stop_epoch(tiny_model, data_dir, tmp_path):
     # bounds make the choice non-trivial: "best" is the epoch closest to the base that moved far enough from it
     monitor = dict(MONITOR, patience=2, bounds={"ssim": (None, 0.9995)})
