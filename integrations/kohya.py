@@ -1,0 +1,449 @@
+"""kohya-ss sd-scripts: its file contract, and the launcher that monitors a train_network.py run.
+
+The launcher imports the user's sd-scripts checkout, subclasses its trainer (NetworkTrainer, or
+SdxlNetworkTrainer and the like) and overrides two hooks:
+  - post_process_network: remembers the network object (for its set_multiplier and save_weights);
+  - sample_images: lets kohya render its samples as usual, then reads the PNGs it wrote for the
+    epoch, scores them through a LoraMonitor, copies the best epoch's checkpoint to best/ and, when
+    the policy says so, ends training (kohya has no stop flag, so a private exception leaves its
+    loop after the trackers are finished; the launcher catches it and exits 0).
+Nothing of sd-scripts is copied here: we call its own functions (setup_parser, the checkpoint
+names, prepare_dtype) and follow the file names it writes:
+    <output_dir>/sample/<output_name>_e<epoch:06d>_<prompt:02d>_<YYYYmmddHHMMSS>[_<seed>].png
+    <output_dir>/<output_name>-<epoch:06d>.safetensors   (the last epoch: <output_name>.safetensors)
+The watcher (kohya_watch.py) shares the file contract defined here.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import json
+import os
+import re
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from lora_monitor.export import write_json_atomic
+from lora_monitor.monitor import LoraMonitor
+from lora_monitor.record import from_pil
+from lora_monitor.spec import PreviewSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SAMPLE_DIR = "sample"
+#: The launcher's base renders (network multiplier 0) go to <output_dir>/BASE_DIR/sample/ under kohya's names.
+BASE_DIR = "lora_monitor_base"
+PROMPTS_STEM = "lora_monitor_prompts"
+LAUNCHER_STATE = "lora_monitor_kohya_state.json"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+#: What a checkout must hold besides the trainer script the user names.
+CHECKOUT_LAYOUT = ("train_network.py", "library/train_util.py", "networks")
+#: kohya's defaults for what a prompt does not set (library/train_util.py, sample_image_inference).
+KOHYA_PROMPT_DEFAULTS = dict(steps=30, guidance_scale=7.5, width=512, height=512)
+
+_SAMPLE_NAME = re.compile(
+    r"^(?:(?P<name>.+)_)?e(?P<epoch>\d{6})_(?P<index>\d{2,})_(?P<stamp>\d{14})(?:_(?P<seed>\d+))?\.png$"
+)
+_ANY = object()
+
+
+# ---------------------------------------------------------------------------------------- file contract
+@dataclass(frozen=True)
+class SampleFile:
+    """One sample PNG of an epoch, as kohya names it."""
+
+    path: Path
+    output_name: str | None
+    epoch: int
+    index: int
+    stamp: str
+    seed: int | None
+
+
+def parse_sample_name(path: str | os.PathLike) -> SampleFile | None:
+    """The parts of a kohya epoch-sample file name; None for any other file (step samples included)."""
+    path = Path(path)
+    match = _SAMPLE_NAME.match(path.name)
+    if match is None:
+        return None
+    seed = match["seed"]
+    return SampleFile(path, match["name"], int(match["epoch"]), int(match["index"]), match["stamp"], None if seed is None else int(seed))
+
+
+def list_samples(folder: str | os.PathLike, output_name: Any = _ANY) -> list[SampleFile]:
+    """The epoch samples in `folder` (kohya's <output_dir>/sample), optionally of one output name only."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [parse_sample_name(path) for path in folder.iterdir() if path.suffix == ".png"]
+    return [s for s in found if s is not None and (output_name is _ANY or s.output_name == output_name)]
+
+
+def group_by_epoch(samples: Iterable[SampleFile]) -> dict[int, dict[int, SampleFile]]:
+    """epoch -> prompt index -> sample; when a run was restarted the newest file of each pair wins."""
+    groups: dict[int, dict[int, SampleFile]] = {}
+    for sample in sorted(samples, key=lambda s: (s.stamp, s.path.name)):
+        groups.setdefault(sample.epoch, {})[sample.index] = sample
+    return groups
+
+
+def epoch_checkpoint_name(output_name: str | None, epoch: int, suffix: str = ".safetensors") -> str:
+    """kohya's name for an epoch's network file (output name "epoch" when none is given)."""
+    return f"{output_name or 'epoch'}-{epoch:06d}{suffix}"
+
+
+def last_checkpoint_name(output_name: str | None, suffix: str = ".safetensors") -> str:
+    """kohya's name for the network saved after the last epoch (output name "last" when none is given)."""
+    return f"{output_name or 'last'}{suffix}"
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """A PNG as (3, H, W) float in [0, 1]; raises if the file is truncated."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return from_pil(image)
+
+
+def images_in_order(by_index: Mapping[int, SampleFile], count: int, where: str) -> list[torch.Tensor]:
+    """The images of prompts 0..count-1; a missing or extra index is an error naming `where`."""
+    indices = sorted(by_index)
+    if indices != list(range(count)):
+        raise ValueError(f"{where}: found samples for prompt indices {indices}, expected 0..{count - 1} (one per prompt of the preview file)")
+    return [read_image(by_index[i].path) for i in indices]
+
+
+def fixed_seed_prompts(source: str | os.PathLike, folder: str | os.PathLike, seed: int = 0) -> tuple[Path, PreviewSpec, list[int]]:
+    """Write `source` (a kohya prompt file) into `folder` with an explicit seed on every prompt.
+
+    kohya draws a random seed for a prompt without --d / "seed", which makes epochs incomparable;
+    such a prompt gets seed + its index, as PreviewSpec.load gives it. Comment and blank lines are
+    dropped (kohya and we skip them slightly differently). .txt stays .txt; .toml and .json become
+    .json (kohya reads both). Returns the new file, the spec it holds and the indices given a seed.
+    """
+    source = Path(source)
+    spec = PreviewSpec.load(source, seed=seed, **KOHYA_PROMPT_DEFAULTS)
+    suffix = source.suffix.lower()
+    changed: list[int] = []
+    if suffix == ".txt":
+        lines = [line.strip() for line in source.read_text(encoding="utf-8-sig").splitlines()]
+        entries: list[Any] = [line for line in lines if line and not line.startswith("#")]
+    elif suffix == ".json":
+        entries = json.loads(source.read_text(encoding="utf-8-sig"))
+        if isinstance(entries, dict):  # PreviewSpec.to_dict() output, in kohya's key names
+            kohya_keys = {"steps": "sample_steps", "guidance_scale": "scale"}
+            entries = [{kohya_keys.get(k, k): v for k, v in e.items()} for e in entries["prompts"]]
+    else:
+        table = dict(tomllib.loads(source.read_text(encoding="utf-8-sig"))["prompt"])
+        subsets = table.pop("subset")
+        entries = [{**table, **subset} for subset in subsets]
+    fixed = []
+    for index, (entry, prompt) in enumerate(zip(entries, spec.prompts)):
+        if isinstance(entry, str):
+            options = [part.strip().split(None, 1)[0].lower() for part in entry.split(" --")[1:] if part.strip()]
+            if "d" not in options:
+                entry = f"{entry} --d {prompt.seed}"
+                changed.append(index)
+        elif "seed" not in entry:
+            entry = {**entry, "seed": prompt.seed}
+            changed.append(index)
+        fixed.append(entry)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if suffix == ".txt":
+        target = folder / f"{PROMPTS_STEM}.txt"
+        text = "".join(line + "\n" for line in fixed)
+    else:
+        target = folder / f"{PROMPTS_STEM}.json"
+        text = json.dumps(fixed, indent=2, ensure_ascii=False) + "\n"
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, target)
+    rewritten = PreviewSpec.load(target, seed=seed, **KOHYA_PROMPT_DEFAULTS)
+    if rewritten.fingerprint() != spec.fingerprint():  # pragma: no cover - a bug of ours, not of the input
+        raise RuntimeError(f"rewriting {source} with fixed seeds changed its prompts; please report this")
+    return target, spec, changed
+
+
+# ---------------------------------------------------------------------------------------- the checkout
+@dataclass
+class Checkout:
+    """An imported sd-scripts checkout: the trainer script's module, library.train_util and the trainer class."""
+
+    root: Path
+    script: str
+    module: ModuleType
+    train_util: ModuleType
+    trainer_class: type
+
+
+def load_checkout(root: str | os.PathLike, script: str = "train_network.py") -> Checkout:
+    """Import `script` from the sd-scripts checkout at `root` and find its trainer class."""
+    root = Path(root).expanduser().resolve()
+    hint = "give --sd-scripts the folder of your kohya-ss/sd-scripts git checkout (the one holding train_network.py)"
+    if not root.is_dir():
+        raise FileNotFoundError(f"sd-scripts checkout not found: {root} is not a folder; {hint}")
+    needed = [script, *[name for name in CHECKOUT_LAYOUT if name != script]]
+    missing = [name for name in needed if not (root / name).exists()]
+    if missing:
+        raise ValueError(
+            f"{root} is not an sd-scripts checkout of a known layout: looked for {', '.join(needed)}; "
+            f"missing: {', '.join(missing)}. {hint[0].upper() + hint[1:]}"
+        )
+    _forget_other_checkouts(root, Path(script).stem)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # sd-scripts imports `library` and `networks` from its own folder
+    try:
+        module = importlib.import_module(Path(script).stem)
+        base = getattr(importlib.import_module("train_network"), "NetworkTrainer", None)
+        train_util = importlib.import_module("library.train_util")
+    except ImportError as error:
+        raise ValueError(f"importing {script} from {root} failed ({error}); run lora-monitor in the venv that runs sd-scripts") from error
+    if base is None:
+        raise ValueError(f"{root / 'train_network.py'} has no class NetworkTrainer: an sd-scripts layout this launcher does not know")
+    trainers = [obj for obj in vars(module).values() if inspect.isclass(obj) and issubclass(obj, base)]
+    leaves = [t for t in trainers if not any(other is not t and issubclass(other, t) for other in trainers)]
+    if len(leaves) != 1:
+        found = ", ".join(t.__name__ for t in leaves) or "none"
+        raise ValueError(f"{root / script}: looked for one subclass of train_network.NetworkTrainer, found {found}")
+    missing = [name for name in ("setup_parser",) if not hasattr(module, name)]
+    missing += [f"library.train_util.{name}" for name in ("get_epoch_ckpt_name", "prepare_dtype", "read_config_from_file") if not hasattr(train_util, name)]
+    if missing:
+        raise ValueError(f"{root}: an sd-scripts layout this launcher does not know: looked for {', '.join(missing)}")
+    return Checkout(root, script, module, train_util, leaves[0])
+
+
+def _forget_other_checkouts(root: Path, stem: str) -> None:
+    """Drop sd-scripts modules imported earlier from another folder, so this checkout's are used."""
+    for name in list(sys.modules):
+        if name in (stem, "train_network") or name.split(".")[0] in ("library", "networks"):
+            file = getattr(sys.modules[name], "__file__", None)
+            if file and root not in Path(file).resolve().parents:
+                del sys.modules[name]
+
+
+# ---------------------------------------------------------------------------------------- the launcher
+class TrainingStopped(BaseException):
+    """Leaves kohya's training loop when the monitor stops the run. A BaseException, so that no
+    `except Exception` in the trainer swallows it; the launcher catches it."""
+
+    def __init__(self, epoch: int, reason: str) -> None:
+        super().__init__(reason)
+        self.epoch = epoch
+        self.reason = reason
+
+
+class KohyaSession:
+    """The monitor's side of one kohya run: checks the arguments, fixes the seeds, scores samples."""
+
+    def __init__(self, checkout: Checkout, monitor_options: Mapping[str, Any], *, preview_seed: int = 0, say: Callable[[str], None] = print) -> None:
+        self.checkout = checkout
+        self.monitor_options = dict(monitor_options)
+        self.preview_seed = preview_seed
+        self.say = say
+        self.monitor: LoraMonitor | None = None
+        self.network: Any = None
+        self.args: Any = None
+        self.current: tuple[int, int] | None = None  # (epoch, step) being exported
+        self.base_done = False
+        self._before: set[Path] = set()
+
+    # -- before training
+    def prepare(self, args) -> None:
+        """Check kohya's arguments and build the monitor; raises ValueError before any model loads."""
+        if not getattr(args, "output_dir", None):
+            raise ValueError("give the trainer --output_dir: the monitor reads the samples kohya writes there")
+        if not getattr(args, "sample_prompts", None):
+            raise ValueError("the monitor scores kohya's own samples: give the trainer --sample_prompts FILE (.txt, .toml or .json)")
+        if args.sample_every_n_epochs is None:
+            if args.sample_every_n_steps is not None:
+                raise ValueError("--sample_every_n_steps alone samples between epochs; the monitor scores epoch ends: add --sample_every_n_epochs N")
+            args.sample_every_n_epochs = 1
+            self.say("lora-monitor: no --sample_every_n_epochs given: kohya samples every epoch, and each epoch is scored")
+        output_dir = Path(args.output_dir)
+        prompts, spec, changed = fixed_seed_prompts(args.sample_prompts, output_dir, self.preview_seed)
+        self.say(f"lora-monitor: kohya samples from {prompts} (your {args.sample_prompts} with a seed on every prompt)")
+        if changed:
+            seeds = ", ".join(f"{i}: {spec.prompts[i].seed}" for i in changed)
+            self.say(f"lora-monitor: prompts without --d got fixed seeds ({seeds}); random seeds would make epochs incomparable")
+        args.sample_prompts = str(prompts)
+        options = dict(self.monitor_options)
+        if getattr(args, "log_with", None) and "listeners" not in options:
+            from lora_monitor.integrations.trackers import TrackersListener
+
+            options["listeners"] = [TrackersListener()]  # through kohya's own accelerator and its trackers
+        self.monitor = LoraMonitor(spec=spec, output_dir=output_dir, write_weights=self._write_checkpoint, **options)
+        state = output_dir / LAUNCHER_STATE
+        if getattr(args, "resume", None) and state.is_file():
+            self.monitor.load_state_dict(json.loads(state.read_text(encoding="utf-8")))
+            self.say(f"lora-monitor: resumed the monitor's state from {state} (best epoch so far: {self.monitor.best_epoch})")
+        self.args = args
+
+    # -- the hooks
+    def before_samples(self, render: Callable[..., Any], accelerator, args, rest: tuple) -> None:
+        self._before = {s.path for s in list_samples(Path(args.output_dir) / SAMPLE_DIR)}
+        if not self.base_done:
+            self.base_done = True
+            if self.monitor.accelerator is None:
+                self.monitor.attach(accelerator)
+            if self.monitor.needs_references:
+                self._render_base(render, accelerator, args, rest)
+
+    def after_samples(self, accelerator, args, epoch: int | None, step: int) -> None:
+        if not epoch:  # None: a step sample point; 0: --sample_at_first, before any training
+            return
+        accelerator.wait_for_everyone()  # sampling is split between processes
+        stop = False
+        if accelerator.is_main_process:
+            samples = [s for s in list_samples(Path(args.output_dir) / SAMPLE_DIR, args.output_name) if s.epoch == epoch and s.path not in self._before]
+            if samples:
+                self._evaluate(epoch, step, samples)
+            stop = self.monitor.should_stop
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            stop = broadcast_object_list([stop])[0]
+        if stop and self.monitor.policy.stopped_epoch == epoch:
+            if step >= args.max_train_steps:
+                self.say("lora-monitor: (this was the last epoch anyway: kohya saves the final network as usual)")
+                return
+            accelerator.end_training()  # finish the trackers, as kohya would after its loop
+            raise TrainingStopped(epoch, self.monitor.policy.stop_reason or "the monitor's policy stopped the run")
+
+    # -- internals
+    def _render_base(self, render: Callable[..., Any], accelerator, args, rest: tuple) -> None:
+        """kohya renders the same prompts and seeds with the network's multiplier at 0 (the base model)."""
+        base_args = copy.copy(args)
+        base_args.output_dir = str(Path(args.output_dir) / BASE_DIR)
+        base_args.sample_at_first = True
+        network = self.network
+        has_multiplier = network is not None and hasattr(network, "set_multiplier")
+        if not has_multiplier:
+            warnings.warn(
+                "the network object has no set_multiplier (or post_process_network was not called): the base references "
+                "are the network's samples before training, which are the base model only when it starts at zero "
+                "(kohya's LoRA does: lora_up is zero-initialised; not with --network_weights)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        folder = Path(base_args.output_dir) / SAMPLE_DIR
+        before = {s.path for s in list_samples(folder)}
+        previous = getattr(network, "multiplier", 1.0) if has_multiplier else None
+        if has_multiplier:
+            network.set_multiplier(0.0)
+        try:
+            render(accelerator, base_args, 0, 0, *rest)
+        finally:
+            if has_multiplier:
+                network.set_multiplier(previous)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            samples = [s for s in list_samples(folder, args.output_name) if s.epoch == 0 and s.path not in before]
+            by_index = group_by_epoch(samples).get(0, {})
+            images = images_in_order(by_index, len(self.monitor.spec), f"base renders in {folder}")
+            self.monitor.set_base_references(images)
+            self.monitor.record.save_previews(None, images, [p.seed for p in self.monitor.spec.prompts])
+            self.say(f"lora-monitor: base references rendered by kohya with the network multiplier at 0: {folder}")
+
+    def _evaluate(self, epoch: int, step: int, samples: list[SampleFile]) -> None:
+        where = f"epoch {epoch} samples in {samples[0].path.parent}"
+        images = images_in_order(group_by_epoch(samples)[epoch], len(self.monitor.spec), where)
+        self.current = (epoch, step)
+        report = self.monitor.evaluate(epoch, images, step=step)
+        values = ", ".join(f"{name} {value:.4f}" for name, value in report.aggregates.items())
+        self.say(f"lora-monitor: epoch {epoch}: {values}{'  (best)' if report.is_best else ''}; {report.decision.reason}")
+        if report.exported is not None:
+            self.say(f"lora-monitor: epoch {epoch} is the best so far: copied to {report.exported}")
+        write_json_atomic(Path(self.args.output_dir) / LAUNCHER_STATE, self.monitor.state_dict())
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        """Fill an export folder with the epoch's network file: kohya's own file when it exists (it was
+        saved just before sampling), else (the last epoch, or one save_every_n_epochs skips) the network
+        saved now through its own save_weights, in kohya's save precision."""
+        epoch, step = self.current
+        args, train_util = self.args, self.checkout.train_util
+        name = train_util.get_epoch_ckpt_name(args, "." + args.save_model_as, epoch)
+        source = Path(args.output_dir) / name
+        if source.is_file():
+            shutil.copy2(source, folder / name)
+            return
+        if self.network is None or not hasattr(self.network, "save_weights"):
+            raise RuntimeError(f"cannot export epoch {epoch}: {source} does not exist and the trainer gave no network object to save")
+        _, save_dtype = train_util.prepare_dtype(args)
+        metadata = {"ss_epoch": str(epoch), "ss_steps": str(step), "ss_output_name": str(args.output_name), "lora_monitor": "saved by lora-monitor at the epoch's sample point"}
+        self.network.save_weights(str(folder / name), save_dtype, metadata)
+
+
+def monitored_trainer_class(base: type, session: KohyaSession) -> type:
+    """A subclass of kohya's trainer whose hooks feed `session`. Hook arguments pass through by
+    position: their names differ between sd-scripts versions (tokenizer / tokenizers)."""
+
+    class MonitoredTrainer(base):  # type: ignore[misc, valid-type]
+        def post_process_network(self, *arguments, **keywords):
+            result = super().post_process_network(*arguments, **keywords)
+            session.network = arguments[2] if len(arguments) > 2 else keywords.get("network")
+            return result
+
+        def sample_images(self, accelerator, args, epoch, global_step, *rest):
+            render = super().sample_images
+            session.before_samples(render, accelerator, args, rest)
+            render(accelerator, args, epoch, global_step, *rest)
+            session.after_samples(accelerator, args, epoch, global_step)
+
+    MonitoredTrainer.__name__ = MonitoredTrainer.__qualname__ = f"Monitored{base.__name__}"
+    return MonitoredTrainer
+
+
+def launch(
+    sd_scripts: str | os.PathLike,
+    trainer_args: list[str],
+    *,
+    script: str = "train_network.py",
+    monitor_options: Mapping[str, Any] | None = None,
+    preview_seed: int = 0,
+    say: Callable[[str], None] = print,
+) -> int:
+    """Run `script` of the checkout with `trainer_args`, as its own __main__ would, with the monitor attached.
+    Returns 0 after a full run or an early stop by the policy."""
+    checkout = load_checkout(sd_scripts, script)
+    parser = checkout.module.setup_parser()
+    saved_argv = sys.argv
+    sys.argv = [str(checkout.root / script), *trainer_args]  # sd-scripts inspects the command line
+    try:
+        args = parser.parse_args(trainer_args)
+        verify = getattr(checkout.train_util, "verify_command_line_training_args", None)
+        if verify is not None:
+            verify(args)
+        args = checkout.train_util.read_config_from_file(args, parser)
+        session = KohyaSession(checkout, monitor_options or {}, preview_seed=preview_seed, say=say)
+        session.prepare(args)
+        trainer = monitored_trainer_class(checkout.trainer_class, session)()
+        say(f"lora-monitor: training with {checkout.root / script} ({checkout.trainer_class.__name__})")
+        try:
+            trainer.train(args)
+        except TrainingStopped as stop:
+            session.monitor.close()
+            say(f"lora-monitor: stopped early after epoch {stop.epoch}: {stop.reason}")
+            say(f"lora-monitor: trackers finished; kohya's final {last_checkpoint_name(args.output_name, '.' + args.save_model_as)} is not written")
+        else:
+            session.monitor.close()
+            policy = session.monitor.policy
+            say(f"lora-monitor: training finished; {policy.stop_reason or f'best epoch by {policy.metric}: {policy.best_epoch}'}")
+        best = Path(args.output_dir) / "best"
+        if session.monitor.best_epoch is not None:
+            say(f"lora-monitor: best epoch {session.monitor.best_epoch}: {best} ; scores: {session.monitor.record.scores_path}")
+        return 0
+    finally:
+        sys.argv = saved_argv

@@ -1,0 +1,133 @@
+"""The `kohya` (launcher) and `watch` (watcher) subcommands of lora-monitor.
+
+`register(subparsers)` adds both to an argparse subparsers object; each sets `func(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+KOHYA_HELP = "run kohya-ss sd-scripts' train_network.py with the monitor attached"
+KOHYA_DESCRIPTION = """\
+Run sd-scripts' LoRA trainer from your checkout with the monitor attached: kohya renders its
+samples from your --sample_prompts as usual; each epoch's samples are scored (against base renders
+made by kohya with the network multiplier at 0, same prompts and seeds), the best epoch's network
+file is copied at once to <output_dir>/best/ (before --save_last_n_epochs can delete it), scores
+go to kohya's trackers (--log_with) and <output_dir>/scores.jsonl, and the run stops early, with
+exit code 0, when the policy says so. Prompts without --d get a fixed seed (the prompt file
+kohya reads is rewritten into <output_dir>/lora_monitor_prompts.txt|.json).
+Everything after `--` goes to the trainer unchanged."""
+KOHYA_EPILOG = """\
+example:
+  lora-monitor kohya --sd-scripts ~/sd-scripts --metrics brisque ssim --patience 3 -- \\
+      --pretrained_model_name_or_path model.safetensors --train_data_dir data --output_dir out \\
+      --output_name mylora --network_module networks.lora --max_train_epochs 10 \\
+      --save_every_n_epochs 1 --sample_prompts prompts.txt --sample_every_n_epochs 1
+"""
+
+WATCH_HELP = "follow a kohya output folder (any run, e.g. from the kohya_ss GUI) and score its samples"
+WATCH_DESCRIPTION = """\
+Follow a running or finished kohya-ss output folder without touching the trainer: score each
+epoch's sample PNGs as they appear (<output_dir>/sample/<name>_e<epoch>_<prompt>_...png), keep
+the record (previews/, scores.jsonl), copy the best epoch's network file to <output_dir>/best/,
+and when the policy says stop, write <output_dir>/STOP and print it (the trainer is never killed:
+stop it yourself). Restarting the watcher continues where it was. Base references for SSIM come
+from --base, or the run's --sample_at_first samples (epoch 0)."""
+
+
+def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("monitor")
+    group.add_argument("--metrics", nargs="+", default=["brisque", "ssim"], help="scorers to run (default: brisque ssim)")
+    group.add_argument("--metric", default=None, help="the metric that picks the best epoch (default: the first of --metrics)")
+    group.add_argument("--patience", type=int, default=None, help="stop after this many scored epochs without improvement (default: never stop)")
+    group.add_argument("--min-delta", type=float, default=0.0, help="an improvement must beat the best by more than this (default: 0)")
+    group.add_argument("--aggregate", default="mean", help="how per-prompt scores combine: mean, median, min, max (default: mean)")
+    group.add_argument("--bound", action="append", default=[], metavar="METRIC=LO:HI",
+                       help="an epoch is eligible only if METRIC lies in [LO, HI] (either side may be empty), e.g. ssim=0.3:")
+    group.add_argument("--top-k", type=int, default=1, help="also keep the k best epochs under top_k/ (default: 1, best/ only)")
+    group.add_argument("--preview-seed", type=int, default=0, help="prompt i without a seed gets this + i (default: 0)")
+
+
+def parse_bound(text: str) -> tuple[str, tuple[float | None, float | None]]:
+    metric, sep, limits = text.partition("=")
+    low, colon, high = limits.partition(":")
+    if not (metric and sep and colon):
+        raise ValueError(f"--bound {text!r}: expected METRIC=LO:HI, e.g. ssim=0.3: or ssim=0.3:0.95")
+    try:
+        return metric, (float(low) if low else None, float(high) if high else None)
+    except ValueError:
+        raise ValueError(f"--bound {text!r}: LO and HI must be numbers or empty") from None
+
+
+def monitor_options(args: argparse.Namespace) -> dict[str, Any]:
+    """LoraMonitor keyword arguments from the monitor options; checked by LoraMonitor itself."""
+    metrics = list(dict.fromkeys(args.metrics))
+    monitor = args.metric or metrics[0]
+    if monitor not in metrics:
+        metrics.insert(0, monitor)
+    return dict(
+        metrics=tuple(metrics),
+        monitor=monitor,
+        patience=args.patience,
+        min_delta=args.min_delta,
+        aggregate=args.aggregate,
+        bounds=dict(parse_bound(text) for text in args.bound) or None,
+        top_k=args.top_k,
+    )
+
+
+def register(subparsers) -> None:
+    """Add the `kohya` and `watch` subcommands to an argparse subparsers object."""
+    kohya = subparsers.add_parser("kohya", help=KOHYA_HELP, description=KOHYA_DESCRIPTION, epilog=KOHYA_EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    kohya.add_argument("--sd-scripts", required=True, metavar="PATH", help="your kohya-ss/sd-scripts checkout")
+    which = kohya.add_mutually_exclusive_group()
+    which.add_argument("--script", default=None, help="the trainer script in the checkout (default: train_network.py)")
+    which.add_argument("--sdxl", action="store_true", help="SDXL: same as --script sdxl_train_network.py")
+    add_monitor_arguments(kohya)
+    kohya.add_argument("trainer_args", nargs=argparse.REMAINDER, metavar="-- TRAINER_ARGS", help="arguments of the trainer script")
+    kohya.set_defaults(func=run_kohya)
+
+    watch = subparsers.add_parser("watch", help=WATCH_HELP, description=WATCH_DESCRIPTION,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    watch.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's --output_dir")
+    watch.add_argument("--prompts", default=None, help="the run's --sample_prompts file (default: OUTPUT_DIR/sample/prompt.txt|.toml|.json, as the GUI writes it)")
+    watch.add_argument("--output-name", default=None, help="the run's --output_name (default: read from the sample names)")
+    watch.add_argument("--base", default=None, metavar="DIR", help="base-model renders of the prompts (kohya-named or NN_*.png); default: the run's epoch-0 samples")
+    watch.add_argument("--interval", type=float, default=10.0, help="seconds between looks at the folder (default: 10)")
+    watch.add_argument("--once", action="store_true", help="score what is there now and exit")
+    watch.add_argument("--report-to", choices=["none", "wandb"], default="none", help="also log to W&B (default: none)")
+    watch.add_argument("--wandb-project", default=None, help="W&B project for --report-to wandb")
+    add_monitor_arguments(watch)
+    watch.set_defaults(func=run_watch)
+
+
+def run_kohya(args: argparse.Namespace) -> int:
+    from lora_monitor.integrations.kohya import launch
+
+    trainer_args = list(args.trainer_args)
+    if trainer_args[:1] == ["--"]:
+        trainer_args = trainer_args[1:]
+    if not trainer_args:
+        raise ValueError("no trainer arguments: put them after `--`, e.g. lora-monitor kohya --sd-scripts PATH -- --output_dir out ...")
+    script = "sdxl_train_network.py" if args.sdxl else (args.script or "train_network.py")
+    return launch(args.sd_scripts, trainer_args, script=script, monitor_options=monitor_options(args), preview_seed=args.preview_seed)
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    from lora_monitor.integrations.kohya_watch import KohyaWatcher
+
+    listeners = []
+    if args.report_to == "wandb":
+        from lora_monitor.integrations.trackers import listeners_for
+
+        listeners = listeners_for("wandb", project=args.wandb_project)
+    watcher = KohyaWatcher(
+        args.output_dir,
+        prompts=args.prompts,
+        output_name=args.output_name,
+        base=args.base,
+        monitor_options={**monitor_options(args), "listeners": listeners},
+        preview_seed=args.preview_seed,
+    )
+    return watcher.run(interval=args.interval, once=args.once)

@@ -1,0 +1,137 @@
+"""Opt-in: the launcher with the real sd-scripts train_network.py, on the CPU.
+
+Skipped unless SD_SCRIPTS_DIR points at a kohya-ss/sd-scripts checkout. It takes 15-25 minutes
+and about 10 GB of memory and 6 GB of disk here:
+  1. builds a venv with sd-scripts' requirements (its pins: diffusers 0.32.1, transformers 4.54.1,
+     accelerate 1.6.0, ...), plus torch and torchvision (KOHYA_TORCH_SPEC, default
+     "torch==2.14.1 torchvision==0.29.1"; sd-scripts imports torchvision without listing it);
+  2. installs lora-monitor with `pip install -c <pip freeze of that venv>`, and checks no pin moved;
+  3. saves a random-weight SD1.5-architecture model (sd-scripts' UNet has the fixed SD1.5 layout)
+     and a CLIP tokenizer built in code at <cache>/openai_clip-vit-large-patch14 (no download);
+  4. runs `lora-monitor kohya` for at most 3 epochs with --save_last_n_epochs 1 and asserts: scores
+     for every epoch trained, the best export, the early stop with exit code 0, and the best
+     epoch's file surviving in best/ after kohya deleted it.
+KOHYA_VENV reuses a venv folder between runs (it is built when missing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+SD_SCRIPTS = os.environ.get("SD_SCRIPTS_DIR")
+pytestmark = pytest.mark.skipif(not SD_SCRIPTS, reason="set SD_SCRIPTS_DIR to an sd-scripts checkout to run the real kohya test")
+
+REPO = Path(__file__).resolve().parents[1]
+PINNED = ("diffusers", "transformers", "accelerate", "huggingface-hub", "safetensors")
+
+BUILD_MODEL = """
+import sys, torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+from lora_monitor.tiny import build_tokenizer
+
+target, tokenizer_dir = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+tokenizer = build_tokenizer(max_length=77)
+tokenizer.save_pretrained(tokenizer_dir)
+unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5 layout
+vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, sample_size=512, layers_per_block=2)
+text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+with torch.no_grad():  # sd-scripts' sampler divides by the mean of the text embeddings: keep it off zero
+    text_encoder.text_model.final_layer_norm.bias.normal_(0.0, 0.5)
+scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+pipe.to(torch.float16).save_pretrained(target)
+"""
+
+
+def run(command: list[str], check_rc: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0 and check_rc:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def freeze(python: Path) -> dict[str, str]:
+    lines = run([str(python), "-m", "pip", "freeze"]).stdout.splitlines()
+    return {name.lower(): version for name, _, version in (line.partition("==") for line in lines if "==" in line)}
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("KOHYA_VENV") or tmp_path_factory.mktemp("kohya-venv"))
+    python = folder / "bin" / "python"
+    if not (folder / ".lora-monitor-installed").exists():
+        run([sys.executable, "-m", "venv", str(folder)])
+        pip = [str(python), "-m", "pip", "install", "--quiet"]
+        run(pip + os.environ.get("KOHYA_TORCH_SPEC", "torch==2.14.1 torchvision==0.29.1").split())
+        requirements = [line for line in (Path(SD_SCRIPTS) / "requirements.txt").read_text().splitlines() if not line.strip().startswith("-e")]
+        filtered = folder / "sd-scripts-requirements.txt"
+        filtered.write_text("\n".join(requirements) + "\n")
+        run(pip + ["-r", str(filtered)])
+        before = freeze(python)
+        constraints = folder / "freeze.txt"
+        constraints.write_text("".join(f"{name}=={version}\n" for name, version in before.items()))
+        run(pip + ["-c", str(constraints), str(REPO)])  # must succeed without moving any of sd-scripts' pins
+        after = freeze(python)
+        moved = {name: (before.get(name), after.get(name)) for name in PINNED if before.get(name) != after.get(name)}
+        assert not moved, f"installing lora-monitor moved sd-scripts' pins: {moved}"
+        (folder / ".lora-monitor-installed").write_text("")
+    return folder
+
+
+@pytest.mark.timeout(3600)
+def test_real_train_network_early_stop_and_best_survives_rotation(venv, tmp_path):
+    python = venv / "bin" / "python"
+    versions = freeze(python)
+    assert versions["diffusers"] == "0.32.1" and versions["accelerate"] == "1.6.0"
+    model, tokenizers = tmp_path / "sd15-random", tmp_path / "tokenizers"
+    run([str(python), "-c", BUILD_MODEL, str(model), str(tokenizers / "openai_clip-vit-large-patch14")])
+    data = tmp_path / "data" / "1_shape"
+    data.mkdir(parents=True)
+    from PIL import Image, ImageDraw
+
+    for index, colour in enumerate(["red", "blue", "green", "yellow"]):
+        image = Image.new("RGB", (128, 128), "white")
+        ImageDraw.Draw(image).ellipse((20 + 8 * index, 20, 100, 100), fill=colour)
+        image.save(data / f"{index}.png")
+        (data / f"{index}.txt").write_text(f"a {colour} shape")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red shape --w 64 --h 64 --s 4 --d 5\na blue shape --w 64 --h 64 --s 4\n")
+    out = tmp_path / "out"
+    command = [
+        str(venv / "bin" / "lora-monitor"), "kohya", "--sd-scripts", SD_SCRIPTS,
+        # min_delta 1 > any SSIM gain: epoch 1 stays best whatever training does, so the stop comes after epoch 2
+        "--metrics", "ssim", "--patience", "1", "--min-delta", "1.0", "--",
+        "--pretrained_model_name_or_path", str(model), "--tokenizer_cache_dir", str(tokenizers),
+        "--train_data_dir", str(data.parent), "--caption_extension", ".txt", "--output_dir", str(out), "--output_name", "real",
+        "--network_module", "networks.lora", "--network_dim", "4", "--network_alpha", "4",
+        "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "64", "--max_bucket_reso", "64", "--train_batch_size", "1",
+        "--max_train_epochs", "3", "--save_every_n_epochs", "1", "--save_last_n_epochs", "1", "--save_model_as", "safetensors",
+        "--sample_prompts", str(prompts), "--sample_every_n_epochs", "1", "--sample_sampler", "ddim",
+        "--learning_rate", "1e-4", "--optimizer_type", "AdamW", "--mixed_precision", "no", "--seed", "0",
+        "--max_data_loader_n_workers", "0", "--log_with", "tensorboard", "--logging_dir", str(tmp_path / "logs"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    result = run(command, cwd=tmp_path, env=env, check_rc=False)
+    log = textwrap.shorten(result.stdout[-3000:] + result.stderr[-3000:], 6000)
+    assert result.returncode == 0, log
+    assert "stopped early after epoch 2" in result.stdout, log
+    lines = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2], log
+    assert all(len(line["scores"]["ssim"]) == 2 for line in lines)
+    sidecar = json.loads((out / "best" / "lora_monitor.json").read_text())
+    assert sidecar["epoch"] == 1
+    assert (out / "best" / "real-000001.safetensors").is_file()
+    assert not (out / "real-000001.safetensors").exists()  # deleted by --save_last_n_epochs 1 at epoch 2
+    assert (out / "real-000002.safetensors").is_file() and not (out / "real.safetensors").exists()
+    assert "--d 1" in (out / "lora_monitor_prompts.txt").read_text()  # the prompt without a seed got seed 0 + 1
