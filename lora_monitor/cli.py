@@ -23,6 +23,7 @@ def _quiet_libraries() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lora_monitor import __version__
+    from lora_monitor import posthoc_commands
     from lora_monitor.integrations import kohya_commands
     from lora_monitor.scoring import commands as scoring_commands
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=run_demo)
 
     scoring_commands.register(subparsers)
+    posthoc_commands.register(subparsers)
     kohya_commands.register(subparsers)
     return parser
 

@@ -16,7 +16,7 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "score", "models", "kohya", "watch"):
+    for command in ("demo", "score", "models", "epochs", "strength", "grid", "kohya", "watch"):
         assert re.search(rf"^\s+{command}\s", out, re.MULTILINE), f"{command} missing from --help"
 
 
