@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lora_monitor.policy import parse_bound
+
 KOHYA_HELP = "run kohya-ss sd-scripts' train_network.py with the monitor attached"
 KOHYA_DESCRIPTION = """\
 Run sd-scripts' LoRA trainer from your checkout with the monitor attached: kohya renders its
@@ -46,17 +48,6 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
                        help="an epoch is eligible only if METRIC lies in [LO, HI] (either side may be empty), e.g. ssim=0.3:")
     group.add_argument("--top-k", type=int, default=1, help="also keep the k best epochs under top_k/ (default: 1, best/ only)")
     group.add_argument("--preview-seed", type=int, default=0, help="prompt i without a seed gets this + i (default: 0)")
-
-
-def parse_bound(text: str) -> tuple[str, tuple[float | None, float | None]]:
-    metric, sep, limits = text.partition("=")
-    low, colon, high = limits.partition(":")
-    if not (metric and sep and colon):
-        raise ValueError(f"--bound {text!r}: expected METRIC=LO:HI, e.g. ssim=0.3: or ssim=0.3:0.95")
-    try:
-        return metric, (float(low) if low else None, float(high) if high else None)
-    except ValueError:
-        raise ValueError(f"--bound {text!r}: LO and HI must be numbers or empty") from None
 
 
 def monitor_options(args: argparse.Namespace) -> dict[str, Any]:

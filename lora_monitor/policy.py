@@ -435,3 +435,18 @@ def _as_values(name: str, values: Any, epoch: int) -> list[float]:
     if not result:
         raise ValueError(f"scores[{name!r}] at epoch {epoch} is empty; expected one value per preview prompt")
     return result
+
+
+def parse_bound(text: str) -> tuple[str, tuple[float | None, float | None]]:
+    """A command-line bound: 'ssim=0.3:0.95' -> ('ssim', (0.3, 0.95)); an empty side is open ('ssim=0.3:').
+
+    '=' separates the metric because metric names may hold ':' (pyiqa:niqe).
+    """
+    metric, sep, limits = text.partition("=")
+    low, colon, high = limits.partition(":")
+    if not (metric and sep and colon):
+        raise ValueError(f"--bound {text!r}: expected METRIC=LO:HI with either side empty for open, e.g. ssim=0.3: or ssim=0.3:0.95")
+    try:
+        return metric, (float(low) if low else None, float(high) if high else None)
+    except ValueError:
+        raise ValueError(f"--bound {text!r}: LO and HI must be numbers or empty") from None

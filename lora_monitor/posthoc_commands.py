@@ -20,7 +20,7 @@ policy: the in-training monitor's rule. Candidates are scored in increasing orde
 strength); a later one becomes best only if it beats the best so far by more than --min-delta, so
 ties within min_delta go to the earlier epoch / lower strength (--min-delta 0.01 with --metric
 brisque is the older tools' rule). NaN/inf scores are the worst; --bound keeps a candidate out
-unless a metric's aggregate lies in [LO, HI] (e.g. --bound ssim:0.3:0.95: not "no effect").
+unless a metric's aggregate lies in [LO, HI] (e.g. --bound ssim=0.3:0.95: not "no effect").
 
 sizes: {RESIZE_RULE}
 
@@ -61,7 +61,7 @@ examples:
 examples:
   lora-monitor strength sweep/                              # strength_0.5.png + control_base.png
   lora-monitor strength output/name-000008.safetensors --base MODEL --prompts prompts.txt \\
-      --strengths 0:1.5:0.1 --bound ssim:0:0.95 --report strength-report/
+      --strengths 0:1.5:0.1 --bound ssim=0:0.95 --report strength-report/
 """,
     "grid": """\
 examples:
@@ -117,7 +117,7 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     policy.add_argument("--metrics", default="brisque,ssim", help="metrics to compute, comma-separated (default: brisque,ssim; ssim only with references)")
     policy.add_argument("--min-delta", type=float, default=0.0, help="a later candidate must be better by more than this (default: 0)")
     policy.add_argument("--aggregate", default="mean", choices=["mean", "median", "min", "max"], help="over prompts (default: mean)")
-    policy.add_argument("--bound", action="append", default=[], metavar="METRIC:LO:HI", help="eligible only if METRIC's aggregate is in [LO, HI]; empty side open (e.g. ssim::0.95)")
+    policy.add_argument("--bound", action="append", default=[], metavar="METRIC=LO:HI", help="eligible only if METRIC's aggregate is in [LO, HI]; empty side open (e.g. ssim=:0.95)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -127,20 +127,13 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
 
 
 def _bounds(items: list[str]) -> dict[str, tuple[float | None, float | None]]:
+    from lora_monitor.policy import parse_bound
     from lora_monitor.posthoc import PosthocError
 
-    bounds = {}
-    for item in items:
-        parts = item.split(":")
-        if len(parts) != 3 or not parts[0]:
-            raise PosthocError(f"--bound {item!r}: expected METRIC:LO:HI, e.g. ssim:0.3:0.95 or ssim::0.95")
-        try:
-            lo = float(parts[1]) if parts[1] else None
-            hi = float(parts[2]) if parts[2] else None
-        except ValueError:
-            raise PosthocError(f"--bound {item!r}: LO and HI must be numbers or empty") from None
-        bounds[parts[0]] = (lo, hi)
-    return bounds
+    try:
+        return dict(parse_bound(item) for item in items)
+    except ValueError as error:
+        raise PosthocError(str(error)) from None
 
 
 def _spec(args: argparse.Namespace):

@@ -312,3 +312,21 @@ def test_policy_imports_without_torch_or_numpy():
     code = "import sys, lora_monitor.policy; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     output = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert output.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("ssim=0.3:0.95", ("ssim", (0.3, 0.95))), ("ssim=0.3:", ("ssim", (0.3, None))), ("pyiqa:niqe=:5", ("pyiqa:niqe", (None, 5.0)))],
+)
+def test_parse_bound_reads_command_line_bounds(text, expected):
+    from lora_monitor.policy import parse_bound
+
+    assert parse_bound(text) == expected
+
+
+@pytest.mark.parametrize("text", ["ssim", "ssim=0.3", "=0.3:1", "ssim=a:1"])
+def test_parse_bound_rejects_malformed_bounds(text):
+    from lora_monitor.policy import parse_bound
+
+    with pytest.raises(ValueError, match="--bound"):
+        parse_bound(text)
