@@ -12,6 +12,7 @@ import torch
 from conftest import LORA_TARGETS, nudge_lora
 from lora_monitor import posthoc
 from lora_monitor.monitor import LoraMonitor, quantize
+from lora_monitor.policy import BestEpochPolicy
 from lora_monitor.posthoc_commands import main
 from lora_monitor.record import save_png_atomic
 from lora_monitor.scoring import get_scorer
@@ -166,7 +167,7 @@ def test_near_tie_within_min_delta_goes_to_the_earlier_epoch(run, tmp_path, caps
 
 def test_min_delta_is_sequential_not_a_global_tolerance():
     """Documented difference: with a chain of near-ties the policy (like the in-training monitor) decides online."""
-    policy = posthoc.BestEpochPolicy("brisque", higher_is_better=False, min_delta=0.01)
+    policy = BestEpochPolicy("brisque", higher_is_better=False, min_delta=0.01)
     for epoch, value in [(1, 10.0), (2, 9.995), (3, 9.989)]:
         policy.update(epoch, {"brisque": [value]})
     assert policy.best_epoch == 3  # beats the best so far (epoch 1) by 0.011
@@ -292,7 +293,7 @@ def test_grid_ranks_epoch_strength_pairs(run, tmp_path, capsys):
     )
     pairs = [(c["epoch"], c["strength"]) for c in result["candidates"]]
     assert pairs == [(e, s) for e in EPOCHS for s in (0.5, 1.0)]
-    policy = posthoc.BestEpochPolicy("brisque", higher_is_better=False)
+    policy = BestEpochPolicy("brisque", higher_is_better=False)
     for position, candidate in enumerate(result["candidates"]):
         policy.update(position, {"brisque": candidate["scores"]["brisque"]})
     assert pairs[policy.best_epoch] == (result["best"]["epoch"], result["best"]["strength"])

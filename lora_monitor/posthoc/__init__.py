@@ -1,0 +1,59 @@
+"""Post-hoc analysis: which saved epoch, which LoRA strength, which (epoch, strength) pair is best.
+
+Inputs are either images already on disk (kohya samples, the older tools' epoch_NN.png /
+strength_X.png layouts, or a user's name pattern; `images`) or LoRA checkpoints (kohya
+.safetensors files, diffusers LoRA folders) that are rendered with the in-training renderer
+(`checkpoints`). Either way every candidate (`candidates`) is scored and chosen exactly as
+`LoraMonitor.evaluate` does (`analysis`): images rounded to 8 bits (`monitor.quantize`),
+`score_images` with the same scorers, one `BestEpochPolicy.update` per candidate in increasing
+order. So the same images give the same choice as the in-training monitor, and ties (within
+min_delta) go to the earlier epoch or the lower strength.
+"""
+from lora_monitor.posthoc.analysis import Analysis, CandidateResult, analyse, build_policy, make_scorers
+from lora_monitor.posthoc.candidates import Candidate, PosthocError, format_strength, parse_strengths
+from lora_monitor.posthoc.checkpoints import (
+    DIFFUSERS_LORA_FILE,
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    find_checkpoints,
+    load_base_pipeline,
+    load_lora_state_dict,
+    lora_scale,
+    render_checkpoints,
+)
+from lora_monitor.posthoc.images import (
+    IMAGE_SUFFIXES,
+    RESIZE_RULE,
+    ImageSet,
+    collect_images,
+    harmonise_sizes,
+    pattern_regex,
+    read_image,
+)
+
+__all__ = [
+    "DIFFUSERS_LORA_FILE",
+    "IMAGE_SUFFIXES",
+    "PICKLE_SUFFIXES",
+    "RESIZE_RULE",
+    "Analysis",
+    "Candidate",
+    "CandidateResult",
+    "Checkpoint",
+    "ImageSet",
+    "PosthocError",
+    "analyse",
+    "build_policy",
+    "collect_images",
+    "find_checkpoints",
+    "format_strength",
+    "harmonise_sizes",
+    "load_base_pipeline",
+    "load_lora_state_dict",
+    "lora_scale",
+    "make_scorers",
+    "parse_strengths",
+    "pattern_regex",
+    "read_image",
+    "render_checkpoints",
+]
