@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
+from lora_monitor import distributed
 from lora_monitor import export as exporting
 from lora_monitor.policy import BestEpochPolicy, Decision
 from lora_monitor.record import RunRecord, from_pil, save_png_atomic
@@ -199,7 +200,10 @@ class LoraMonitor:
 
     @property
     def is_main_process(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
+        """Only the main process writes the record and exports (rank 0 under torchrun without an Accelerator)."""
+        if self.accelerator is not None:
+            return self.accelerator.is_main_process
+        return distributed.rank_and_world_size()[0] == 0
 
     @property
     def should_stop(self) -> bool:
@@ -240,18 +244,46 @@ class LoraMonitor:
         folder = self.record.preview_dir(None)
         paths = self.record.preview_paths(None, [p.seed for p in self.spec.prompts])
         key_file = folder / "base.json"
-        images = None
-        if key_file.is_file() and all(path.is_file() for path in paths):
-            if json.loads(key_file.read_text(encoding="utf-8")).get("key") == key:
-                from PIL import Image
-
-                images = [from_pil(Image.open(path)) for path in paths]
+        rank, world_size = distributed.rank_and_world_size(self.accelerator)
+        if world_size > 1:
+            return self._base_references_distributed(key, paths, key_file, rank, world_size)
+        images = self._cached_base(key, paths, key_file)
         if images is None:
             images = self.renderer.render_base(self.spec)
             if self.is_main_process:
                 for image, path in zip(images, paths):
                     save_png_atomic(image, path)
                 exporting.write_json_atomic(key_file, {"key": key, "spec_fingerprint": self.spec.fingerprint()})
+        self.set_base_references(images)
+        return self._base_images
+
+    def _cached_base(self, key: str, paths: Sequence[Path], key_file: Path) -> list[torch.Tensor] | None:
+        """The base renders saved in the output dir when their key matches, else None."""
+        if key_file.is_file() and all(path.is_file() for path in paths):
+            if json.loads(key_file.read_text(encoding="utf-8")).get("key") == key:
+                from PIL import Image
+
+                return [from_pil(Image.open(path)) for path in paths]
+        return None
+
+    def _base_references_distributed(
+        self, key: str, paths: Sequence[Path], key_file: Path, rank: int, world_size: int
+    ) -> list[torch.Tensor]:
+        """Several processes: the main process reads the cache; on a miss each rank renders its share,
+        the shares are gathered on every rank and the main process writes the cache."""
+        images = distributed.broadcast_checked(lambda: self._cached_base(key, paths, key_file), what="reading the cached base previews")
+        if images is None:
+            indices = distributed.shard_indices(self.spec, rank, world_size)
+            images = distributed.gather_images(
+                indices, lambda: self.renderer.render_base(self.spec, indices), len(self.spec), what="rendering the base previews"
+            )
+
+            def write() -> None:
+                for image, path in zip(images, paths):
+                    save_png_atomic(image, path)
+                exporting.write_json_atomic(key_file, {"key": key, "spec_fingerprint": self.spec.fingerprint()})
+
+            distributed.broadcast_checked(write, what="writing the base previews")
         self.set_base_references(images)
         return self._base_images
 
@@ -275,6 +307,10 @@ class LoraMonitor:
         if self.renderer is None:
             raise ValueError("this monitor has no diffusers modules to render with; call evaluate(epoch, images) instead")
         references = self.base_references() if self.needs_references else None
+        rank, world_size = distributed.rank_and_world_size(self.accelerator)
+        if world_size > 1:  # each rank renders its share; see evaluate_shard
+            indices = distributed.shard_indices(self.spec, rank, world_size)
+            return self._evaluate_shards(epoch, indices, lambda: self.renderer.render(self.spec, indices), step, references)
         return self.evaluate(epoch, self.renderer.render(self.spec), step=step, references=references)
 
     @property
@@ -291,13 +327,80 @@ class LoraMonitor:
             raise ValueError(f"got {len(images)} images for epoch {epoch}, but the spec has {len(self.spec)} preview prompts")
         if references is None and self.needs_references:
             references = self.base_references()
+        self._warn_non_finite(epoch, images)
+        scores = self.score(images, references)
+        return self._decide(epoch, step, images, scores)
+
+    def evaluate_shard(
+        self,
+        epoch: int,
+        indices: Sequence[int],
+        images: Sequence[torch.Tensor],
+        *,
+        step: int | None = None,
+        references: Sequence[torch.Tensor] | None = None,
+    ) -> EpochReport:
+        """Evaluate epoch `epoch` from this process's share of the previews: `images` rendered for the spec
+        `indices` (any split, e.g. kohya's round-robin). Call it on every process: each scores its share,
+        the shares are gathered, the main process decides, records and exports, and every process gets the
+        same decision and the whole epoch's report. `references`, if given, cover the whole spec.
+        With one process `indices` must cover the spec, and this is evaluate()."""
+        indices = [int(index) for index in indices]
+        images = list(images)
+        if len(indices) != len(images):
+            raise ValueError(f"epoch {epoch}: got {len(images)} images for {len(indices)} preview indices {indices}")
+        if distributed.rank_and_world_size(self.accelerator)[1] == 1:
+            return self.evaluate(epoch, distributed.assemble([(indices, images)], len(self.spec)), step=step, references=references)
+        return self._evaluate_shards(epoch, indices, lambda: images, step, references)
+
+    def _evaluate_shards(
+        self,
+        epoch: int,
+        indices: list[int],
+        render: Callable[[], Sequence[torch.Tensor]],
+        step: int | None,
+        references: Sequence[torch.Tensor] | None,
+    ) -> EpochReport:
+        """Several processes: render (`render()`) and score this rank's share, gather every share with its
+        status, let the main process decide and publish, and give every rank the main process's decision."""
+        if references is None and self.needs_references:
+            references = self.base_references()  # a collective too: every rank gets here together
+
+        def local() -> tuple[list[int], list[torch.Tensor], dict[str, list[float]]]:
+            shard = [image.detach().float().cpu() for image in render()]
+            if len(shard) != len(indices):
+                raise ValueError(f"epoch {epoch}: got {len(shard)} images for {len(indices)} preview indices {indices}")
+            shard_references = [references[i] for i in indices] if references is not None else None
+            return indices, shard, self.score(shard, shard_references)
+
+        shards = distributed.all_gather_checked(local, what=f"epoch {epoch}'s previews")
+        count = len(self.spec)
+        images = distributed.assemble([(shard, shard_images) for shard, shard_images, _ in shards], count)
+        scores = {name: distributed.assemble([(shard, s[name]) for shard, _, s in shards], count) for name in shards[0][2]}
+        reports: list[EpochReport] = []
+
+        def decide() -> tuple[Decision, dict[str, Any], list[int]]:
+            self._warn_non_finite(epoch, images)
+            reports.append(self._decide(epoch, step, images, scores))
+            return reports[0].decision, self.policy.state_dict(), list(self.top_k_epochs)
+
+        decision, policy_state, top_k_epochs = distributed.broadcast_checked(decide, what=f"deciding on epoch {epoch}")
+        if reports:  # the main process
+            return reports[0]
+        self.policy.load_state_dict(policy_state)
+        self.top_k_epochs = top_k_epochs
+        return EpochReport(epoch, step, images, scores, decision, aggregates=dict(self.policy.history[-1].aggregates))
+
+    def _warn_non_finite(self, epoch: int, images: Sequence[torch.Tensor]) -> None:
         broken = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
         if broken:
             self._warn_once(
                 "non-finite",
                 f"epoch {epoch}: preview(s) {broken} contain NaN or inf values (has training diverged?); they score as the worst",
             )
-        scores = self.score(images, references)
+
+    def _decide(self, epoch: int, step: int | None, images: list[torch.Tensor], scores: dict[str, list[float]]) -> EpochReport:
+        """Update the policy with the epoch's scores; the main process records, exports and tells the listeners."""
         decision = self.policy.update(epoch, scores, step=step)
         result = self.policy.history[-1]
         report = EpochReport(epoch, step, images, scores, decision, aggregates=dict(result.aggregates))
