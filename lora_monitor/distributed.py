@@ -124,17 +124,16 @@ def all_gather_checked(work: Callable[[], T], *, what: str) -> list[T]:
     SystemExit) propagate at once and leave the others to torch.distributed's timeout.
     """
     rank, world_size = rank_and_world_size()
+    if world_size == 1:  # nobody to tell: the error stays what it is
+        return [work()]
     local_error: BaseException | None = None
     try:
         outcome = _Outcome(rank, True, value=work())
     except Exception as error:
         local_error = error
         outcome = _Outcome(rank, False, error=_describe(error))
-    if world_size == 1:
-        outcomes = [outcome]
-    else:
-        outcomes = [None] * world_size
-        torch.distributed.all_gather_object(outcomes, outcome)
+    outcomes = [None] * world_size
+    torch.distributed.all_gather_object(outcomes, outcome)
     errors = {o.rank: o.error for o in outcomes if not o.ok}
     if errors:
         raise RankFailedError(what, errors, world_size) from local_error

@@ -232,7 +232,8 @@ class LoraMonitor:
         return digest.hexdigest()[:16]
 
     def base_references(self) -> list[torch.Tensor]:
-        """The base model's previews (LoRA off): from memory, else from the output dir when the key matches, else rendered."""
+        """The base model's previews (LoRA off): from memory, else from the output dir when the key matches, else
+        rendered (with several processes: each renders its share, all get the whole set, the main process saves)."""
         if self._base_images is not None:
             return self._base_images
         if self.renderer is None:
@@ -241,19 +242,21 @@ class LoraMonitor:
                 "call set_base_references(images) with the base model's renders first"
             )
         key = self.base_key()
-        folder = self.record.preview_dir(None)
         paths = self.record.preview_paths(None, [p.seed for p in self.spec.prompts])
-        key_file = folder / "base.json"
-        rank, world_size = distributed.rank_and_world_size(self.accelerator)
-        if world_size > 1:
-            return self._base_references_distributed(key, paths, key_file, rank, world_size)
-        images = self._cached_base(key, paths, key_file)
+        key_file = self.record.preview_dir(None) / "base.json"
+        images = distributed.broadcast_checked(lambda: self._cached_base(key, paths, key_file), what="reading the cached base previews")
         if images is None:
-            images = self.renderer.render_base(self.spec)
-            if self.is_main_process:
+            indices = self._share()
+            images = distributed.gather_images(
+                indices, lambda: self.renderer.render_base(self.spec, indices), len(self.spec), what="rendering the base previews"
+            )
+
+            def save() -> None:
                 for image, path in zip(images, paths):
                     save_png_atomic(image, path)
                 exporting.write_json_atomic(key_file, {"key": key, "spec_fingerprint": self.spec.fingerprint()})
+
+            distributed.broadcast_checked(save, what="writing the base previews")
         self.set_base_references(images)
         return self._base_images
 
@@ -266,26 +269,9 @@ class LoraMonitor:
                 return [from_pil(Image.open(path)) for path in paths]
         return None
 
-    def _base_references_distributed(
-        self, key: str, paths: Sequence[Path], key_file: Path, rank: int, world_size: int
-    ) -> list[torch.Tensor]:
-        """Several processes: the main process reads the cache; on a miss each rank renders its share,
-        the shares are gathered on every rank and the main process writes the cache."""
-        images = distributed.broadcast_checked(lambda: self._cached_base(key, paths, key_file), what="reading the cached base previews")
-        if images is None:
-            indices = distributed.shard_indices(self.spec, rank, world_size)
-            images = distributed.gather_images(
-                indices, lambda: self.renderer.render_base(self.spec, indices), len(self.spec), what="rendering the base previews"
-            )
-
-            def write() -> None:
-                for image, path in zip(images, paths):
-                    save_png_atomic(image, path)
-                exporting.write_json_atomic(key_file, {"key": key, "spec_fingerprint": self.spec.fingerprint()})
-
-            distributed.broadcast_checked(write, what="writing the base previews")
-        self.set_base_references(images)
-        return self._base_images
+    def _share(self) -> list[int]:
+        """The spec indices this process renders (all of them with one process)."""
+        return distributed.shard_indices(self.spec, *distributed.rank_and_world_size(self.accelerator))
 
     def set_base_references(self, images: Sequence[torch.Tensor]) -> None:
         """Use these base-model renders (LoRA off; one per prompt, same seeds) as the references."""
@@ -307,11 +293,8 @@ class LoraMonitor:
         if self.renderer is None:
             raise ValueError("this monitor has no diffusers modules to render with; call evaluate(epoch, images) instead")
         references = self.base_references() if self.needs_references else None
-        rank, world_size = distributed.rank_and_world_size(self.accelerator)
-        if world_size > 1:  # each rank renders its share; see evaluate_shard
-            indices = distributed.shard_indices(self.spec, rank, world_size)
-            return self._evaluate_shards(epoch, indices, lambda: self.renderer.render(self.spec, indices), step, references)
-        return self.evaluate(epoch, self.renderer.render(self.spec), step=step, references=references)
+        indices = self._share()  # several processes: each renders and scores its share; see evaluate_shard
+        return self._evaluate_shards(epoch, indices, lambda: self.renderer.render(self.spec, indices), step, references)
 
     @property
     def needs_references(self) -> bool:
@@ -349,8 +332,6 @@ class LoraMonitor:
         images = list(images)
         if len(indices) != len(images):
             raise ValueError(f"epoch {epoch}: got {len(images)} images for {len(indices)} preview indices {indices}")
-        if distributed.rank_and_world_size(self.accelerator)[1] == 1:
-            return self.evaluate(epoch, distributed.assemble([(indices, images)], len(self.spec)), step=step, references=references)
         return self._evaluate_shards(epoch, indices, lambda: images, step, references)
 
     def _evaluate_shards(
@@ -361,8 +342,9 @@ class LoraMonitor:
         step: int | None,
         references: Sequence[torch.Tensor] | None,
     ) -> EpochReport:
-        """Several processes: render (`render()`) and score this rank's share, gather every share with its
-        status, let the main process decide and publish, and give every rank the main process's decision."""
+        """Render (`render()`) and score this process's share, gather every share with its status, let the
+        main process decide and publish, and give every process the main process's decision (one process:
+        render, score, decide)."""
         if references is None and self.needs_references:
             references = self.base_references()  # a collective too: every rank gets here together
 
