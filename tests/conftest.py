@@ -13,6 +13,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One torch thread: the tiny models and BRISQUE's many small passes run no faster on two, and
+    several times slower when other processes share a 2-core machine. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def isolated_caches(tmp_path, monkeypatch):
+    """Our BRISQUE model cache and torch.hub's folder under tmp_path; no explicit model; the hub forbidden."""
+    from lora_monitor.scoring import brisque_model
+
+    monkeypatch.setenv(brisque_model.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(brisque_model.MODEL_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A diffusers model folder with random weights, saved with save_pretrained (no download)."""

@@ -55,14 +55,6 @@ def pink_noise_image(seed: int = 0, size: int = 128) -> torch.Tensor:
     return (torch.round(x.clamp(0, 1) * 255) / 255).unsqueeze(0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """BRISQUE is many small elementwise passes; on a busy 2-core runner one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def calibration() -> list[dict]:
@@ -231,15 +223,6 @@ def libsvm_text(model: SVRModel) -> str:
         lines.append(f"{coef!r} " + " ".join(f"{k + 1}:{v!r}" for k, v in enumerate(row) if v != 0))
     return "\n".join(lines) + "\n"
 
-
-@pytest.fixture
-def isolated_caches(tmp_path, monkeypatch):
-    """Our cache and torch.hub's folder under tmp_path; no explicit model; the hub forbidden."""
-    monkeypatch.setenv(bm.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv(bm.MODEL_ENV, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
 
 
 def test_libsvm_text_round_trips(tmp_path):

@@ -22,15 +22,6 @@ from lora_monitor.integrations import kohya, kohya_commands
 from lora_monitor.record import read_scores
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On this shared 2-core machine two torch threads per process fight other processes: tiny renders
-    slow down 30x. One thread keeps these tests quick; the previous setting is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 TRAIN_UTIL = '''
 import os
 import time

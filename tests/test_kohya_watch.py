@@ -26,15 +26,6 @@ SEEDS = (11, 12)
 STAMP = "20260216120000"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On this shared 2-core machine two torch threads per process fight other processes: tiny renders
-    slow down 30x. One thread keeps these tests quick; the previous setting is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="module")
 def renders(tiny_model) -> dict[int, list[bytes]]:

@@ -36,17 +36,9 @@ def kohya_state_dict(unet: torch.nn.Module, alpha: float) -> dict[str, torch.Ten
     return state
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model renders no faster on two threads, and far slower when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
-def run(tiny_model, tmp_path_factory, one_thread):
+def run(tiny_model, tmp_path_factory):
     """One tiny "training run": base renders, three epochs' renders and their kohya checkpoints."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig

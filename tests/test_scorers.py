@@ -48,14 +48,6 @@ def textured(seed: int, size: int = 64) -> torch.Tensor:
     return (smooth + 0.05 * torch.rand(1, 3, size, size, generator=generator)).clamp(0, 1)[0]
 
 
-@pytest.fixture
-def isolated_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv(bm.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv(bm.MODEL_ENV, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path
-
 
 # ---------------------------------------------------------------------------- registry
 

@@ -29,14 +29,6 @@ def calibration_rows() -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small float64 convolutions; on a busy 2-core runner one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
