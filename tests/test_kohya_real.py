@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,11 @@ def venv(tmp_path_factory) -> Path:
         moved = {name: (before.get(name), after.get(name)) for name in PINNED if before.get(name) != after.get(name)}
         assert not moved, f"installing lora-monitor moved sd-scripts' pins: {moved}"
         (folder / ".lora-monitor-installed").write_text("")
+    else:  # a reused venv: install this checkout's lora-monitor again (pip installs a copy, not a link)
+        before = freeze(python)
+        run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(REPO)])
+        moved = {name: (before.get(name), version) for name, version in freeze(python).items() if name != "lora-monitor" and before.get(name) != version}
+        assert not moved, f"reinstalling lora-monitor moved packages: {moved}"
     return folder
 
 
@@ -122,7 +129,11 @@ def test_real_train_network_early_stop_and_best_survives_rotation(venv, tmp_path
         "--max_data_loader_n_workers", "0", "--log_with", "tensorboard", "--logging_dir", str(tmp_path / "logs"),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    started = time.monotonic()
     result = run(command, cwd=tmp_path, env=env, check_rc=False)
+    peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB on Linux; any child so far
+    print(f"\n--- lora-monitor kohya: exit {result.returncode} after {time.monotonic() - started:.0f} s, peak RSS of a child {peak_gb:.1f} GB ---")
+    print("\n".join(line for line in result.stdout.splitlines() if line.startswith("lora-monitor:")))
     log = textwrap.shorten(result.stdout[-3000:] + result.stderr[-3000:], 6000)
     assert result.returncode == 0, log
     assert "stopped early after epoch 2" in result.stdout, log
@@ -135,3 +146,5 @@ def test_real_train_network_early_stop_and_best_survives_rotation(venv, tmp_path
     assert not (out / "real-000001.safetensors").exists()  # deleted by --save_last_n_epochs 1 at epoch 2
     assert (out / "real-000002.safetensors").is_file() and not (out / "real.safetensors").exists()
     assert "--d 1" in (out / "lora_monitor_prompts.txt").read_text()  # the prompt without a seed got seed 0 + 1
+    events = b"".join(path.read_bytes() for path in (tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert b"monitor/ssim_mean" in events and b"monitor/best_epoch" in events, "the scores did not reach kohya's TensorBoard tracker"
