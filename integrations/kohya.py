@@ -435,7 +435,8 @@ def launch(
             trainer.train(args)
         except TrainingStopped as stop:
             session.monitor.close()
-            say(f"lora-monitor: stopped early after epoch {stop.epoch}: {stop.reason}")
+            reason = stop.reason.removeprefix(f"Stopping at epoch {stop.epoch}: ")  # the policy's sentence starts so too
+            say(f"lora-monitor: stopped early after epoch {stop.epoch}: {reason}")
             say(f"lora-monitor: trackers finished; kohya's final {last_checkpoint_name(args.output_name, '.' + args.save_model_as)} is not written")
         else:
             session.monitor.close()

@@ -253,7 +253,8 @@ def test_early_stop_copies_best_before_rotation_and_exits_zero(checkout, tiny_mo
     assert run_cli(argv) == 0
     out = tmp_path / "out"
     said = capsys.readouterr().out
-    assert "stopped early after epoch 2" in said and "trackers finished" in said
+    assert "stopped early after epoch 2: ssim" in said and "trackers finished" in said
+    assert "stopped early after epoch 2: Stopping" not in said  # the final line does not repeat its own prefix
     assert "prompts without --d got fixed seeds (1: 101)" in said
     # the rewritten prompt file kohya read: every prompt has a seed, and the sample names carry it
     assert (out / "lora_monitor_prompts.txt").read_text().splitlines() == [
