@@ -20,20 +20,25 @@ import importlib
 import inspect
 import json
 import os
-import re
 import shutil
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from lora_monitor.export import write_json_atomic
+from lora_monitor.kohya_names import (
+    SampleFile,
+    group_by_epoch,
+    last_checkpoint_name,
+    list_samples,
+)
 from lora_monitor.monitor import LoraMonitor
-from lora_monitor.record import from_pil
+from lora_monitor.record import read_image
 from lora_monitor.spec import PreviewSpec
 
 if sys.version_info >= (3, 11):
@@ -51,70 +56,6 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 CHECKOUT_LAYOUT = ("train_network.py", "library/train_util.py", "networks")
 #: kohya's defaults for what a prompt does not set (library/train_util.py, sample_image_inference).
 KOHYA_PROMPT_DEFAULTS = dict(steps=30, guidance_scale=7.5, width=512, height=512)
-
-_SAMPLE_NAME = re.compile(
-    r"^(?:(?P<name>.+)_)?e(?P<epoch>\d{6})_(?P<index>\d{2,})_(?P<stamp>\d{14})(?:_(?P<seed>\d+))?\.png$"
-)
-_ANY = object()
-
-
-# ---------------------------------------------------------------------------------------- file contract
-@dataclass(frozen=True)
-class SampleFile:
-    """One sample PNG of an epoch, as kohya names it."""
-
-    path: Path
-    output_name: str | None
-    epoch: int
-    index: int
-    stamp: str
-    seed: int | None
-
-
-def parse_sample_name(path: str | os.PathLike) -> SampleFile | None:
-    """The parts of a kohya epoch-sample file name; None for any other file (step samples included)."""
-    path = Path(path)
-    match = _SAMPLE_NAME.match(path.name)
-    if match is None:
-        return None
-    seed = match["seed"]
-    return SampleFile(path, match["name"], int(match["epoch"]), int(match["index"]), match["stamp"], None if seed is None else int(seed))
-
-
-def list_samples(folder: str | os.PathLike, output_name: Any = _ANY) -> list[SampleFile]:
-    """The epoch samples in `folder` (kohya's <output_dir>/sample), optionally of one output name only."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    found = [parse_sample_name(path) for path in folder.iterdir() if path.suffix == ".png"]
-    return [s for s in found if s is not None and (output_name is _ANY or s.output_name == output_name)]
-
-
-def group_by_epoch(samples: Iterable[SampleFile]) -> dict[int, dict[int, SampleFile]]:
-    """epoch -> prompt index -> sample; when a run was restarted the newest file of each pair wins."""
-    groups: dict[int, dict[int, SampleFile]] = {}
-    for sample in sorted(samples, key=lambda s: (s.stamp, s.path.name)):
-        groups.setdefault(sample.epoch, {})[sample.index] = sample
-    return groups
-
-
-def epoch_checkpoint_name(output_name: str | None, epoch: int, suffix: str = ".safetensors") -> str:
-    """kohya's name for an epoch's network file (output name "epoch" when none is given)."""
-    return f"{output_name or 'epoch'}-{epoch:06d}{suffix}"
-
-
-def last_checkpoint_name(output_name: str | None, suffix: str = ".safetensors") -> str:
-    """kohya's name for the network saved after the last epoch (output name "last" when none is given)."""
-    return f"{output_name or 'last'}{suffix}"
-
-
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """A PNG as (3, H, W) float in [0, 1]; raises if the file is truncated."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.load()
-        return from_pil(image)
 
 
 def images_in_order(by_index: Mapping[int, SampleFile], count: int, where: str) -> list[torch.Tensor]:

@@ -25,20 +25,17 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lora_monitor.export import export_checkpoint, read_sidecar, write_json_atomic
-from lora_monitor.integrations.kohya import (
-    CHECKPOINT_SUFFIXES,
-    KOHYA_PROMPT_DEFAULTS,
-    SAMPLE_DIR,
+from lora_monitor.integrations.kohya import CHECKPOINT_SUFFIXES, KOHYA_PROMPT_DEFAULTS, SAMPLE_DIR, images_in_order
+from lora_monitor.kohya_names import (
     SampleFile,
     epoch_checkpoint_name,
     group_by_epoch,
-    images_in_order,
     last_checkpoint_name,
     list_samples,
     parse_sample_name,
-    read_image,
 )
 from lora_monitor.monitor import LoraMonitor
+from lora_monitor.record import read_image
 from lora_monitor.spec import SUFFIXES, PreviewSpec
 
 STATE_FILE = "lora_monitor_watch.json"

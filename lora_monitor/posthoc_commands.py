@@ -11,7 +11,6 @@ import json
 import math
 import sys
 import warnings
-from pathlib import Path
 
 from lora_monitor.posthoc import RESIZE_RULE
 

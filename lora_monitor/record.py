@@ -36,6 +36,13 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file as (3, H, W) float32 in [0, 1]; OSError/ValueError for unreadable or truncated files."""
+    with Image.open(path) as image:
+        image.load()  # decodes everything: a truncated file fails here, not later
+        return from_pil(image)
+
+
 def save_png_atomic(image: torch.Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_monitor import kohya_names
 from lora_monitor.export import read_sidecar
 from lora_monitor.integrations import kohya, kohya_commands
 from lora_monitor.record import read_scores
@@ -348,10 +349,10 @@ def test_prompt_files_get_explicit_seeds(tmp_path):
 
 
 def test_sample_names():
-    sample = kohya.parse_sample_name("my_lora_e000012_03_20260216120000_42.png")
+    sample = kohya_names.parse_sample_name("my_lora_e000012_03_20260216120000_42.png")
     assert (sample.output_name, sample.epoch, sample.index, sample.seed) == ("my_lora", 12, 3, 42)
-    unnamed = kohya.parse_sample_name("e000001_00_20260216120000.png")
+    unnamed = kohya_names.parse_sample_name("e000001_00_20260216120000.png")
     assert (unnamed.output_name, unnamed.epoch, unnamed.seed) == (None, 1, None)
-    assert kohya.parse_sample_name("my_lora_000100_00_20260216120000_1.png") is None  # a step sample
-    assert kohya.epoch_checkpoint_name(None, 3) == "epoch-000003.safetensors"
-    assert kohya.last_checkpoint_name("x", ".ckpt") == "x.ckpt"
+    assert kohya_names.parse_sample_name("my_lora_000100_00_20260216120000_1.png") is None  # a step sample
+    assert kohya_names.epoch_checkpoint_name(None, 3) == "epoch-000003.safetensors"
+    assert kohya_names.last_checkpoint_name("x", ".ckpt") == "x.ckpt"

@@ -16,13 +16,14 @@ from typing import Iterator, Sequence
 import torch
 
 from lora_monitor.export import SIDECAR
+from lora_monitor.kohya_names import CHECKPOINT_NAME
 from lora_monitor.posthoc.candidates import Candidate, PosthocError, format_strength
 from lora_monitor.render import PreviewRenderer
 from lora_monitor.spec import PreviewSpec
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_CHECKPOINT = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})\.safetensors$")
+KOHYA_CHECKPOINT = CHECKPOINT_NAME
 
 
 @dataclass

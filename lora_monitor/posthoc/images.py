@@ -12,8 +12,9 @@ from typing import Sequence
 
 import torch
 
+from lora_monitor.kohya_names import SAMPLE_NAME
 from lora_monitor.posthoc.candidates import Candidate, PosthocError
-from lora_monitor.record import from_pil, to_pil
+from lora_monitor.record import from_pil, read_image, to_pil
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -27,7 +28,7 @@ RESIZE_RULE = (
 
 _EXT = r"\.(?:png|jpe?g|webp|bmp)"
 # kohya sd-scripts: {output_name}_e{epoch:06d}_{prompt:02d}_{YYYYmmddHHMMSS}_{seed}.png (name and seed optional)
-KOHYA_SAMPLE = re.compile(r"^(?:(?P<name>.+)_)?e(?P<epoch>\d{6})_(?P<prompt>\d{2,})_(?P<timestamp>\d{14})(?:_(?P<seed>\d+))?\.png$")
+KOHYA_SAMPLE = SAMPLE_NAME
 OLD_EPOCH = re.compile(rf"^epoch_(?P<epoch>\d+){_EXT}$", re.IGNORECASE)
 OLD_EPOCH_CONTROL = re.compile(rf"^control_(?P<epoch>\d+){_EXT}$", re.IGNORECASE)
 OLD_STRENGTH = re.compile(rf"^strength_(?P<strength>\d*\.?\d+){_EXT}$", re.IGNORECASE)
@@ -42,14 +43,6 @@ class _Found:
     prompt: int
     sort_key: str = ""
 
-
-def read_image(path: Path) -> torch.Tensor:
-    """An image file as (3, H, W) float32 in [0, 1]; OSError/ValueError for unreadable or truncated files."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.load()  # decodes everything: truncated files fail here, not later
-        return from_pil(image)
 
 
 def pattern_regex(template: str) -> re.Pattern:
