@@ -39,7 +39,7 @@ from --base, or the run's --sample_at_first samples (epoch 0)."""
 
 def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("monitor")
-    group.add_argument("--metrics", nargs="+", default=["brisque", "ssim"], help="scorers to run (default: brisque ssim)")
+    group.add_argument("--metrics", nargs="+", default=["brisque", "ssim"], help="scorers to run, space- or comma-separated (default: brisque ssim)")
     group.add_argument("--metric", default=None, help="the metric that picks the best epoch (default: the first of --metrics)")
     group.add_argument("--patience", type=int, default=None, help="stop after this many scored epochs without improvement (default: never stop)")
     group.add_argument("--min-delta", type=float, default=0.0, help="an improvement must beat the best by more than this (default: 0)")
@@ -52,7 +52,7 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
 
 def monitor_options(args: argparse.Namespace) -> dict[str, Any]:
     """LoraMonitor keyword arguments from the monitor options; checked by LoraMonitor itself."""
-    metrics = list(dict.fromkeys(args.metrics))
+    metrics = list(dict.fromkeys(m.strip() for item in args.metrics for m in item.split(",") if m.strip()))
     monitor = args.metric or metrics[0]
     if monitor not in metrics:
         metrics.insert(0, monitor)
