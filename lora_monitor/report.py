@@ -205,7 +205,10 @@ def _aggregate_table(analysis: Analysis) -> str:
 def plot_curves(analysis: Analysis, path: Path) -> Path | None:
     """One panel per metric: the aggregate per candidate (per-prompt values faint), the best point starred,
     bounds dashed. Grid runs draw one line per strength over the epochs."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the report's curves need matplotlib: pip install 'lora-monitor[report]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
