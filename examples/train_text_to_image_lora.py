@@ -16,6 +16,7 @@ Data: a folder of images, each with a same-name .txt caption (the file name when
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
@@ -68,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
