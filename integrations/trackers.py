@@ -120,7 +120,21 @@ def _finite(values: dict[str, float]) -> dict[str, float]:
     return {key: value for key, value in values.items() if math.isfinite(value)}
 
 
-class TrackersListener:
+class BaseKeeper:
+    """Keeps the base renders a listener logs once and shows in its contact sheet (`self.sheet`, may be None)."""
+
+    sheet: "ContactSheet | None" = None
+    _base: list[torch.Tensor] | None = None
+
+    def on_base_references(self, monitor: "LoraMonitor", images: list[torch.Tensor]) -> None:
+        if not monitor.is_main_process:
+            return
+        self._base = list(images)
+        if self.sheet is not None:
+            self.sheet.set_base(images)
+
+
+class TrackersListener(BaseKeeper):
     """Sends each evaluation to the Accelerator's trackers (`monitor.attach(accelerator)` first).
 
     Scalars go to every tracker at `step` = the report's global step (the epoch when the loop gives
@@ -152,13 +166,6 @@ class TrackersListener:
         self._warned: set[str] = set()
 
     # ----------------------------------------------------------------- listener events
-    def on_base_references(self, monitor: "LoraMonitor", images: list[torch.Tensor]) -> None:
-        if not monitor.is_main_process:
-            return
-        self._base = list(images)
-        if self.sheet is not None:
-            self.sheet.set_base(images)
-
     def on_evaluation(self, monitor: "LoraMonitor", report: "EpochReport") -> None:
         if not monitor.is_main_process or monitor.accelerator is None:
             return

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from lora_monitor.export import json_safe
-from lora_monitor.integrations.trackers import ContactSheet, caption, scalars
+from lora_monitor.integrations.trackers import BaseKeeper, ContactSheet, caption, scalars
 from lora_monitor.record import to_pil
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def monitor_config(monitor: "LoraMonitor") -> dict[str, Any]:
     )
 
 
-class WandbListener:
+class WandbListener(BaseKeeper):
     """Logs every evaluation of a LoraMonitor to W&B (see the module docstring for what goes where).
 
     Args:
@@ -111,13 +111,6 @@ class WandbListener:
         self._summary: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- listener events
-    def on_base_references(self, monitor: "LoraMonitor", images: list[torch.Tensor]) -> None:
-        if not monitor.is_main_process:
-            return
-        self._base = list(images)
-        if self.sheet is not None:
-            self.sheet.set_base(images)
-
     def on_evaluation(self, monitor: "LoraMonitor", report: "EpochReport") -> None:
         if not monitor.is_main_process or self.disabled:
             return

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conftest import LORA_TARGETS, nudge_lora  # this script's folder (tests/) is on sys.path when it runs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 PROMPTS = ("a red circle", "a blue square", "a yellow circle on grey", "a green square", "a red square", "a blue circle", "a grey field", "a green circle")
 
 
@@ -45,15 +44,6 @@ class Brightness:
 
     def __call__(self, images: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
         return images.mean(dim=(1, 2, 3))
-
-
-def nudge_lora(unet: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
-    """Move the LoRA weights as a training step would, deterministically (the same on every rank)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
 def preview_spec(prompts: int, size: int, steps: int):
