@@ -251,12 +251,12 @@ class KohyaSession:
             samples = [s for s in list_samples(Path(args.output_dir) / SAMPLE_DIR, args.output_name) if s.epoch == epoch and s.path not in self._before]
             if samples:
                 self._evaluate(epoch, step, samples)
-            stop = self.monitor.should_stop
-        if accelerator.num_processes > 1:
+            stop = self.monitor.policy.stopped_epoch == epoch  # the policy stopped at this epoch
+        if accelerator.num_processes > 1:  # only the main process scored: every rank follows its decision
             from accelerate.utils import broadcast_object_list
 
             stop = broadcast_object_list([stop])[0]
-        if stop and self.monitor.policy.stopped_epoch == epoch:
+        if stop:
             if step >= args.max_train_steps:
                 self.say("lora-monitor: (this was the last epoch anyway: kohya saves the final network as usual)")
                 return
