@@ -42,7 +42,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Preview size per model: the tiny model at 64 px, the ~24M-parameter UNet at 128 px.
 RESOLUTION = {"tiny": 64, "small": 128}
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 PROMPTS = [
     "a red apple on a wooden table",
     "a lighthouse on a cliff at dusk",
@@ -76,19 +75,10 @@ def set_threads(threads: int) -> None:
 
 
 def load_training_modules(folder: str, device: str):
-    """Load the model the way a diffusers LoRA training script does, and add a peft LoRA to the UNet."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """Load the model the way a diffusers LoRA training script does, with a peft LoRA (r=4) on the UNet."""
+    from lora_monitor.demo import load_for_lora_training
 
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_for_lora_training(folder, rank=4)
     for module in (unet, vae, text_encoder):
         module.to(device)
     return unet, vae, text_encoder, tokenizer, noise_scheduler

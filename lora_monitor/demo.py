@@ -62,6 +62,27 @@ def load_image_folder(folder: str | os.PathLike, resolution: int) -> list[tuple[
     return items
 
 
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def load_for_lora_training(pretrained: str, rank: int = 4):
+    """Load a diffusers model folder as a LoRA training script does: frozen modules, a peft LoRA (alpha = rank)
+    on the UNet's attention projections. Returns (tokenizer, text_encoder, vae, unet, noise_scheduler)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+    for module in (vae, text_encoder, unet):
+        module.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
 @dataclass
 class TrainConfig:
     pretrained: str
@@ -85,10 +106,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Train a LoRA on the UNet; returns {"lora": state dict, "monitor": LoraMonitor | None, "unet": the UNet}."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
@@ -96,16 +114,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     set_seed(config.seed)
-    tokenizer = CLIPTokenizer.from_pretrained(config.pretrained, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(config.pretrained, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(config.pretrained, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(config.pretrained, subfolder="unet")
-    noise_scheduler = DDPMScheduler.from_pretrained(config.pretrained, subfolder="scheduler")
-    for module in (vae, text_encoder, unet):
-        module.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(r=config.rank, lora_alpha=config.rank, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
-    )
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_for_lora_training(config.pretrained, config.rank)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
 

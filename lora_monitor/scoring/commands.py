@@ -10,7 +10,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -101,11 +100,9 @@ def _expand(inputs: list[str]) -> list[Path]:
 
 def load_image(path: Path) -> torch.Tensor:
     """An image file as a (1, 3, H, W) float32 tensor in [0, 1] (alpha dropped, grey expanded)."""
-    from PIL import Image
+    from lora_monitor.record import read_image
 
-    with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).unsqueeze(0).float() / 255
+    return read_image(path).unsqueeze(0)
 
 
 def _reference_for(image_path: Path, ref: Path) -> Path:
