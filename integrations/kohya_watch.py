@@ -133,7 +133,7 @@ class KohyaWatcher:
             self.output_name, self.name_known = samples[0].output_name, True
             self._save_state()
         groups = group_by_epoch(s for s in samples if s.output_name == self.output_name)
-        if self.monitor.needs_references and self.monitor._base_images is None:
+        if self.monitor.needs_references and not self.monitor.has_base_references:
             if not self._load_base(groups):
                 return []
         scored = {result.epoch for result in self.monitor.policy.history}

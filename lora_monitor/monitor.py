@@ -297,6 +297,11 @@ class LoraMonitor:
         return self._evaluate_shards(epoch, indices, lambda: self.renderer.render(self.spec, indices), step, references)
 
     @property
+    def has_base_references(self) -> bool:
+        """Whether the base renders are in memory (rendered, loaded from the cache, or set)."""
+        return self._base_images is not None
+
+    @property
     def needs_references(self) -> bool:
         return any(scorer.needs_reference for scorer in self.scorers)
 
