@@ -85,37 +85,46 @@ def read_sidecar(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / SIDECAR).read_text(encoding="utf-8"))
 
 
-def diffusers_lora_writer(unet, text_encoder=None) -> WeightsWriter:
-    """Save the peft LoRA layers of `unet` (and `text_encoder` if it has any) in diffusers' save_lora_weights
-    format: pytorch_lora_weights.safetensors, loadable with pipeline.load_lora_weights."""
+def lora_writer(family, modules: dict[str, Any]) -> WeightsWriter:
+    """Save the peft LoRA layers of `modules` ({"unet" or "transformer": denoiser, "text_encoder": ..., ...})
+    with the family's `<PipelineClass>.save_lora_weights` (one `<module>_lora_layers` argument per module
+    that carries a LoRA): pytorch_lora_weights.safetensors, loadable with that family's load_lora_weights."""
+    from lora_monitor.families import get_family
+
+    family = get_family(family)
 
     def write(folder: Path) -> None:
         import inspect
 
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        kwargs: dict[str, Any] = {
-            "unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        }
-        if text_encoder is not None and _has_lora(text_encoder):
-            kwargs["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
-        # Newer diffusers store the adapter config (rank, alpha) beside the weights, so a LoRA with
-        # lora_alpha != rank loads back at the right scale. Older ones (e.g. 0.32) have no such field.
-        if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
-            configs = getattr(unet, "peft_config", {})
-            if configs:
-                kwargs["unet_lora_adapter_metadata"] = next(iter(configs.values())).to_dict()
-        StableDiffusionPipeline.save_lora_weights(folder, safe_serialization=True, **kwargs)
+        from lora_monitor.render import has_lora
+
+        pipeline_class = family.pipeline_class()
+        accepted = inspect.signature(pipeline_class.save_lora_weights).parameters
+        kwargs: dict[str, Any] = {}
+        for name, module in modules.items():
+            if not has_lora(module) or f"{name}_lora_layers" not in accepted:
+                continue
+            state = get_peft_model_state_dict(module)
+            # diffusers' own scripts convert UNet and text-encoder keys to its naming; transformers save peft keys
+            kwargs[f"{name}_lora_layers"] = state if name.startswith("transformer") else convert_state_dict_to_diffusers(state)
+            # Newer diffusers store the adapter config (rank, alpha) beside the weights, so a LoRA with
+            # lora_alpha != rank loads back at the right scale. Older ones (e.g. 0.32) have no such field.
+            configs = getattr(module, "peft_config", {})
+            if f"{name}_lora_adapter_metadata" in accepted and configs:
+                kwargs[f"{name}_lora_adapter_metadata"] = next(iter(configs.values())).to_dict()
+        if not kwargs:
+            raise ValueError(f"nothing to export: none of {', '.join(modules)} carries a peft LoRA")
+        pipeline_class.save_lora_weights(folder, safe_serialization=True, **kwargs)
 
     return write
 
 
-def _has_lora(module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(sub, BaseTunerLayer) for sub in module.modules())
+def diffusers_lora_writer(unet, text_encoder=None) -> WeightsWriter:
+    """The SD 1.x/2.x writer: `lora_writer("sd", ...)` for a UNet and, if it carries one, the text encoder's LoRA."""
+    return lora_writer("sd", {"unet": unet, "text_encoder": text_encoder})
 
 
 def _fsync_tree(folder: Path) -> None:

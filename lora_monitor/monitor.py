@@ -19,6 +19,7 @@ from lora_monitor import distributed
 from lora_monitor import export as exporting
 from lora_monitor.policy import BestEpochPolicy, Decision
 from lora_monitor.record import RunRecord, from_pil, save_png_atomic
+from lora_monitor.families import detect_family, get_family
 from lora_monitor.render import PreviewRenderer
 from lora_monitor.scoring import Scorer, get_scorer, score_images
 from lora_monitor.spec import PreviewSpec
@@ -29,7 +30,8 @@ STATE_VERSION = 1
 
 @dataclass
 class EpochReport:
-    """What one evaluation produced."""
+    """What one evaluation produced. `epoch` is the evaluation's key in `unit`: the epoch, or the optimizer
+    step for a monitor that evaluates every N steps (then `epoch == step`)."""
 
     epoch: int
     step: int | None
@@ -39,6 +41,12 @@ class EpochReport:
     aggregates: dict[str, float] = field(default_factory=dict)
     preview_paths: list[Path] = field(default_factory=list)
     exported: Path | None = None
+    unit: str = "epoch"
+
+    @property
+    def label(self) -> str:
+        """'epoch 3' or 'step 400', for captions and messages."""
+        return f"{self.unit} {self.epoch}"
 
     @property
     def is_best(self) -> bool:
@@ -87,10 +95,17 @@ class LoraMonitor:
         *,
         spec: PreviewSpec | str | os.PathLike,
         output_dir: str | os.PathLike,
+        pipeline=None,
+        family: str | None = None,
         unet: torch.nn.Module | None = None,
+        transformer: torch.nn.Module | None = None,
         vae: torch.nn.Module | None = None,
         text_encoder: torch.nn.Module | None = None,
+        text_encoder_2: torch.nn.Module | None = None,
+        text_encoder_3: torch.nn.Module | None = None,
         tokenizer=None,
+        tokenizer_2=None,
+        tokenizer_3=None,
         scheduler=None,
         metrics: Sequence[str] = ("brisque", "ssim"),
         monitor: str = "brisque",
@@ -100,8 +115,9 @@ class LoraMonitor:
         aggregate: str = "mean",
         bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
         every_n_epochs: int = 1,
+        every_n_steps: int | None = None,
         batch_size: int = 4,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         top_k: int = 1,
         export: bool = True,
         write_weights: exporting.WeightsWriter | None = None,
@@ -111,10 +127,13 @@ class LoraMonitor:
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be an integer >= 1 (or None to evaluate by epoch), got {every_n_steps!r}")
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         self.spec = spec if isinstance(spec, PreviewSpec) else PreviewSpec.load(spec)
         self.output_dir = Path(output_dir)
+        self.unit = "epoch" if every_n_steps is None else "step"
         self.scorers: list[Scorer] = list(scorers) if scorers is not None else [get_scorer(name) for name in metrics]
         names = [scorer.name for scorer in self.scorers]
         by_name = {scorer.name: scorer for scorer in self.scorers}
@@ -131,32 +150,33 @@ class LoraMonitor:
             patience=patience,
             aggregate=aggregate,
             bounds=bounds,
+            unit=self.unit,
         )
         self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
         self.top_k = top_k
         self.export = export
         # Without the diffusers modules the monitor scores images rendered elsewhere (a trainer's own
         # samples, files on disk): pass them to evaluate() and the base renders to set_base_references().
-        modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
-        given = [name for name, module in modules.items() if module is not None]
-        if given and len(given) != len(modules):
-            missing = [name for name in modules if name not in given]
-            raise ValueError(f"to render previews the monitor needs unet, vae, text_encoder, tokenizer and scheduler; missing: {', '.join(missing)}")
-        self.unet = unwrap(unet) if unet is not None else None
-        self.text_encoder = unwrap(text_encoder) if text_encoder is not None else None
+        components = {
+            "unet": unet, "transformer": transformer, "vae": vae, "scheduler": scheduler,
+            "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "text_encoder_3": text_encoder_3,
+            "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "tokenizer_3": tokenizer_3,
+        }
+        if pipeline is not None:
+            given = sorted(name for name, module in components.items() if module is not None)
+            if given:
+                raise ValueError(f"pass either pipeline= or the modules ({', '.join(given)}), not both")
+            family = family or detect_family(pipeline=pipeline).name
+            components = {name: getattr(pipeline, name, None) for name in get_family(family).components}
+        components = {name: (unwrap(module) if isinstance(module, torch.nn.Module) else module) for name, module in components.items() if module is not None}
         self.renderer: PreviewRenderer | None = None
-        if self.unet is not None:
-            self.renderer = PreviewRenderer(
-                unet=self.unet,
-                vae=unwrap(vae),
-                text_encoder=self.text_encoder,
-                tokenizer=tokenizer,
-                scheduler=scheduler,
-                sampler=sampler,
-                batch_size=batch_size,
-                progress=progress,
-            )
+        if components or family is not None:
+            self.renderer = PreviewRenderer(family=family, sampler=sampler, batch_size=batch_size, progress=progress, **components)
             self.renderer.check_spec(self.spec)
+            # frozen text encoders: every preview prompt encoded now, and let go of, so the loop may free them
+            self.renderer.encode(self.spec, release=True)
+        self.family = self.renderer.family if self.renderer is not None else None
         for scorer in self.scorers:  # optional scorer hooks: fail now rather than at the first epoch end
             check_size = getattr(scorer, "check_size", None)
             if check_size is not None:
@@ -165,10 +185,10 @@ class LoraMonitor:
             prepare = getattr(scorer, "prepare", None)
             if prepare is not None:
                 prepare()
-        if write_weights is None and self.unet is not None:
-            write_weights = exporting.diffusers_lora_writer(self.unet, self.text_encoder)
+        if write_weights is None and self.renderer is not None:
+            write_weights = exporting.lora_writer(self.family, self._lora_modules())
         if export and write_weights is None:
-            raise ValueError("export=True needs the unet (to save its LoRA) or write_weights=; pass export=False to only score")
+            raise ValueError("export=True needs the denoiser (to save its LoRA) or write_weights=; pass export=False to only score")
         self.write_weights = write_weights
         self.record = RunRecord(self.output_dir)
         self.listeners = list(listeners)
@@ -179,15 +199,27 @@ class LoraMonitor:
 
     @classmethod
     def from_pipeline(cls, pipeline, **kwargs) -> "LoraMonitor":
-        """Build from a loaded diffusers pipeline's modules (no copy)."""
-        return cls(
-            unet=pipeline.unet,
-            vae=pipeline.vae,
-            text_encoder=pipeline.text_encoder,
-            tokenizer=pipeline.tokenizer,
-            scheduler=pipeline.scheduler,
-            **kwargs,
-        )
+        """Build from a diffusers pipeline object's modules (no copy); the family comes from its class."""
+        return cls(pipeline=pipeline, **kwargs)
+
+    @classmethod
+    def from_modules(cls, family: str, **kwargs) -> "LoraMonitor":
+        """Build for `family` (see lora_monitor.families.FAMILIES) from the loop's modules by their pipeline names."""
+        return cls(family=family, **kwargs)
+
+    @property
+    def unet(self) -> torch.nn.Module | None:
+        """The denoiser that trains (a UNet or a transformer), as the renderer holds it."""
+        return self.renderer.denoiser if self.renderer is not None else None
+
+    denoiser = unet
+
+    def _lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules whose LoRA an export saves, by the names save_lora_weights knows them."""
+        pipeline = self.renderer.pipeline
+        modules = {self.family.denoiser: self.renderer.denoiser}
+        modules.update({name: getattr(pipeline, name) for name in self.renderer.live_encoders if name in self.family.lora_modules})
+        return modules
 
     # ----------------------------------------------------------------- wiring
     def attach(self, accelerator) -> "LoraMonitor":
@@ -214,21 +246,30 @@ class LoraMonitor:
         return self.policy.best_epoch
 
     def due(self, epoch: int) -> bool:
-        return epoch % self.every_n_epochs == 0
+        return self.unit == "epoch" and epoch % self.every_n_epochs == 0
+
+    def due_step(self, step: int) -> bool:
+        return self.unit == "step" and step % self.every_n_steps == 0
 
     # ----------------------------------------------------------------- base references
     def base_key(self) -> str:
-        """Identifies the base renders: the spec, the sampler and the base weights (LoRA parameters excluded)."""
+        """Identifies the base renders: the spec, the family, the sampler and its config, the base weights
+        (LoRA parameters excluded) of the denoiser, the VAE and any live text encoder with their dtypes, and
+        the cached prompt embeddings of frozen ones."""
         if self.renderer is None:
             raise ValueError("base_key() needs the diffusers modules; without them base renders come from set_base_references()")
+        renderer = self.renderer
         digest = hashlib.sha256()
         digest.update(self.spec.fingerprint().encode())
-        digest.update(self.renderer.sampler.encode())
+        digest.update(f"{self.family.name}:{renderer.sampler}:{renderer.pipeline.scheduler.config}".encode())
+        digest.update(renderer.embeddings_digest().encode())
         with torch.no_grad():
-            for module in (self.unet, self.text_encoder):
+            for module in (renderer.denoiser, renderer.pipeline.vae, *renderer.text_encoders):
                 for name, parameter in module.named_parameters():
                     if "lora_" not in name:
-                        digest.update(f"{name}:{parameter.double().sum().item():.10e}".encode())
+                        # MPS has no float64: sum there in float32 (the key only has to be stable on one machine)
+                        total = parameter.sum(dtype=torch.float32 if parameter.device.type == "mps" else torch.float64)
+                        digest.update(f"{name}:{parameter.dtype}:{total.item():.10e}".encode())
         return digest.hexdigest()[:16]
 
     def base_references(self) -> list[torch.Tensor]:
@@ -287,14 +328,27 @@ class LoraMonitor:
         return score_images(self.scorers, [quantize(image) for image in images], references, warn=self._warn_once)
 
     def on_epoch_end(self, epoch: int, step: int | None = None, *, force: bool = False) -> EpochReport | None:
-        """Render and evaluate `epoch` if it is due (every_n_epochs) or `force`; returns the report, or None when not due."""
-        if not (force or self.due(epoch)):
+        """Render and evaluate `epoch` if it is due (every_n_epochs) or `force`; returns the report, or None when not due.
+        A monitor built with every_n_steps evaluates in on_step_end and does nothing here."""
+        if self.unit == "step" or not (force or self.due(epoch)):
             return None
+        return self._render_and_evaluate(epoch, step)
+
+    def on_step_end(self, step: int, *, force: bool = False) -> EpochReport | None:
+        """Render and evaluate after optimizer step `step` if it is due (every_n_steps) or `force`; the policy,
+        record, sidecar and trackers key this evaluation by its step. Returns the report, or None when not due."""
+        if self.unit != "step":
+            raise ValueError("on_step_end needs a monitor built with every_n_steps=N; this one evaluates by epoch (on_epoch_end)")
+        if not (force or self.due_step(step)):
+            return None
+        return self._render_and_evaluate(step, step)
+
+    def _render_and_evaluate(self, key: int, step: int | None) -> EpochReport:
         if self.renderer is None:
             raise ValueError("this monitor has no diffusers modules to render with; call evaluate(epoch, images) instead")
         references = self.base_references() if self.needs_references else None
         indices = self._share()  # several processes: each renders and scores its share; see evaluate_shard
-        return self._evaluate_shards(epoch, indices, lambda: self.renderer.render(self.spec, indices), step, references)
+        return self._evaluate_shards(key, indices, lambda: self.renderer.render(self.spec, indices), step, references)
 
     @property
     def has_base_references(self) -> bool:
@@ -376,7 +430,7 @@ class LoraMonitor:
             return reports[0]
         self.policy.load_state_dict(policy_state)
         self.top_k_epochs = top_k_epochs
-        return EpochReport(epoch, step, images, scores, decision, aggregates=dict(self.policy.history[-1].aggregates))
+        return EpochReport(epoch, step, images, scores, decision, aggregates=dict(self.policy.history[-1].aggregates), unit=self.unit)
 
     def _warn_non_finite(self, epoch: int, images: Sequence[torch.Tensor]) -> None:
         broken = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
@@ -390,9 +444,9 @@ class LoraMonitor:
         """Update the policy with the epoch's scores; the main process records, exports and tells the listeners."""
         decision = self.policy.update(epoch, scores, step=step)
         result = self.policy.history[-1]
-        report = EpochReport(epoch, step, images, scores, decision, aggregates=dict(result.aggregates))
+        report = EpochReport(epoch, step, images, scores, decision, aggregates=dict(result.aggregates), unit=self.unit)
         if self.is_main_process:
-            report.preview_paths = self.record.save_previews(epoch, images, [p.seed for p in self.spec.prompts])
+            report.preview_paths = self.record.save_previews(epoch, images, [p.seed for p in self.spec.prompts], unit=self.unit)
             if self.export:
                 report.exported = self._export(report)
             self.record.append_scores(self._score_line(report))
@@ -414,6 +468,7 @@ class LoraMonitor:
     def sidecar(self, report: EpochReport) -> dict[str, Any]:
         return {
             "epoch": report.epoch,
+            "unit": report.unit,
             "step": report.step,
             "scores": report.scores,
             "aggregates": report.aggregates,
@@ -443,6 +498,7 @@ class LoraMonitor:
     def _score_line(self, report: EpochReport) -> dict[str, Any]:
         return {
             "epoch": report.epoch,
+            "unit": report.unit,
             "step": report.step,
             "scores": report.scores,
             "aggregates": report.aggregates,

@@ -29,6 +29,9 @@ def _mean(values: Sequence[float]) -> float:
 
 
 #: How per-prompt values become one number per epoch.
+#: What an evaluation key counts: epochs, or optimizer steps for loops that evaluate every N steps.
+UNITS = ("epoch", "step")
+
 AGGREGATES: dict[str, Callable[[Sequence[float]], float]] = {
     "mean": _mean,
     "median": statistics.median,
@@ -120,6 +123,8 @@ class BestEpochPolicy:
             `{"ssim": (0.3, 0.95)}` keeps "best" from being "nothing changed" (ssim near 1) or
             "the LoRA broke the model" (ssim near 0). An ineligible epoch cannot become best
             and counts as an evaluation without improvement.
+        unit: what the key given to `update` counts, 'epoch' or 'step' (a loop that evaluates
+            every N optimizer steps); it only words the messages.
 
     Ties go to the earliest epoch (a later equal value is not an improvement). A NaN/inf in the
     monitored metric of any prompt makes the epoch the worst possible: never best.
@@ -139,7 +144,10 @@ class BestEpochPolicy:
         patience: int | None = None,
         aggregate: str = "mean",
         bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+        unit: str = "epoch",
     ) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"unit can be {', '.join(repr(u) for u in UNITS)}, got {unit!r}")
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"metric must be a non-empty string, got {metric!r}")
         if not isinstance(higher_is_better, bool):
@@ -179,6 +187,7 @@ class BestEpochPolicy:
                 raise ValueError(f"bounds[{name!r}]: lower bound {lo} is above upper bound {hi}")
             checked_bounds[name] = (lo, hi)
 
+        self.unit = unit
         self.metric = metric
         self.higher_is_better = higher_is_better
         self.mode = implied
@@ -223,9 +232,9 @@ class BestEpochPolicy:
             step = _check_int("step", step)
         if self.history and epoch <= self.history[-1].epoch:
             raise ValueError(
-                f"epoch {epoch} is not after the last evaluated epoch {self.history[-1].epoch}: epochs must "
-                f"increase; a repeated epoch usually means the policy state was restored from a later "
-                f"checkpoint than the model, or update() was called twice for one epoch"
+                f"{self.unit} {epoch} is not after the last evaluated {self.unit} {self.history[-1].epoch}: {self.unit}s must "
+                f"increase; a repeated {self.unit} usually means the policy state was restored from a later "
+                f"checkpoint than the model, or update() was called twice for one {self.unit}"
             )
         if not isinstance(scores, Mapping):
             raise ValueError(f"scores must map metric names to per-prompt values, got {type(scores).__name__}")
@@ -233,7 +242,7 @@ class BestEpochPolicy:
         for name in (self.metric, *self.bounds):
             if name not in scores:
                 role = "monitored metric" if name == self.metric else "bounded metric"
-                raise ValueError(f"the {role} {name!r} is missing from the scores of epoch {epoch}; present: {present}")
+                raise ValueError(f"the {role} {name!r} is missing from the scores of {self.unit} {epoch}; present: {present}")
         per_prompt = {name: _as_values(name, values, epoch) for name, values in scores.items()}
 
         aggregates: dict[str, float] = {}
@@ -270,23 +279,23 @@ class BestEpochPolicy:
             self.best_epoch, self.best_value, self.best_step = epoch, value, step
             self.wait_count = 0
             if previous_best_value is None:
-                reason = f"{label} is {_fmt(value)} at epoch {epoch}, the first eligible value; new best."
+                reason = f"{label} is {_fmt(value)} at {self.unit} {epoch}, the first eligible value; new best."
             else:
                 reason = (
-                    f"{label} improved from {_fmt(previous_best_value)} (epoch {previous_best_epoch}) "
-                    f"to {_fmt(value)} at epoch {epoch}; new best."
+                    f"{label} improved from {_fmt(previous_best_value)} ({self.unit} {previous_best_epoch}) "
+                    f"to {_fmt(value)} at {self.unit} {epoch}; new best."
                 )
             note = "new best"
         else:
             self.wait_count += 1
             if not eligible:
                 note = "; ".join(problems)
-                reason = f"Epoch {epoch} is not eligible: {note}."
+                reason = f"{self.unit.capitalize()} {epoch} is not eligible: {note}."
             else:
                 note = f"not better than the best by more than {_fmt(self.min_delta)}"
                 reason = (
-                    f"{label} is {_fmt(value)} at epoch {epoch}, not better than the best "
-                    f"{_fmt(self.best_value)} (epoch {self.best_epoch}) by more than {_fmt(self.min_delta)}."
+                    f"{label} is {_fmt(value)} at {self.unit} {epoch}, not better than the best "
+                    f"{_fmt(self.best_value)} ({self.unit} {self.best_epoch}) by more than {_fmt(self.min_delta)}."
                 )
             if self.patience is None:
                 reason += f" {self.wait_count} evaluation(s) without improvement; no patience set, so no early stop."
@@ -297,16 +306,16 @@ class BestEpochPolicy:
         if not was_stopped and self.patience is not None and self.wait_count >= self.patience:
             self.stopped_epoch = epoch
             if self.best_epoch is None:
-                tail = "no epoch was eligible."
+                tail = f"no {self.unit} was eligible."
             else:
-                tail = f"best {_fmt(self.best_value)} at epoch {self.best_epoch}."
+                tail = f"best {_fmt(self.best_value)} at {self.unit} {self.best_epoch}."
             self.stop_reason = (
-                f"Stopping at epoch {epoch}: {label} did not improve by more than {_fmt(self.min_delta)} "
+                f"Stopping at {self.unit} {epoch}: {label} did not improve by more than {_fmt(self.min_delta)} "
                 f"for {self.wait_count} evaluation(s); {tail}"
             )
             reason += " " + self.stop_reason
         elif was_stopped:
-            reason += f" (Already stopped at epoch {self.stopped_epoch}; training continued.)"
+            reason += f" (Already stopped at {self.unit} {self.stopped_epoch}; training continued.)"
 
         self.history.append(
             EpochResult(epoch=epoch, step=step, value=value, aggregates=aggregates, eligible=eligible, note=note)
@@ -345,6 +354,7 @@ class BestEpochPolicy:
             "patience": self.patience,
             "aggregate": self.aggregate,
             "bounds": {name: [lo, hi] for name, (lo, hi) in sorted(self.bounds.items())},
+            "unit": self.unit,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -380,7 +390,7 @@ class BestEpochPolicy:
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"not a BestEpochPolicy state of version {_STATE_VERSION} (found {found!r})")
-        saved = state["settings"]
+        saved = {"unit": "epoch", **state["settings"]}  # states saved before step-based runs were epoch-based
         current = self.describe()
         differences = [
             f"{key}: saved {saved.get(key)!r}, now {current[key]!r}"

@@ -104,7 +104,7 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     render = parser.add_argument_group("rendering (with --base)")
     render.add_argument("--steps", type=int, default=20, help="denoising steps for prompts that do not set --s (default: 20)")
     render.add_argument("--size", type=int, default=512, help="width and height for prompts that do not set --w/--h (default: 512)")
-    render.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale for prompts without --l (default: 7.5)")
+    render.add_argument("--guidance-scale", type=float, default=None, help="CFG scale for prompts without --l (default: the model family's, 7.5 for SD 1.x)")
     render.add_argument("--seed", type=int, default=0, help="seed of the first prompt without --d; the next get seed+1, ... (default: 0)")
     render.add_argument("--sampler", default="ddim", help="ddim, euler, euler_a, dpmsolver++ or pndm (default: ddim)")
     render.add_argument("--batch-size", type=int, default=4, help="previews per pipeline call (default: 4)")

@@ -3,7 +3,8 @@
 Layout under the output dir:
     previews/base/00_seed1234.png           the base model's renders (LoRA off)
     previews/epoch-0003/00_seed1234.png     epoch 3's previews, numbered by prompt
-    scores.jsonl                            one line per evaluated epoch
+    previews/step-0400/00_seed1234.png      (or step 400's, for a run evaluated every N steps)
+    scores.jsonl                            one line per evaluation ("unit" says epoch or step)
 The record is what a run leaves behind without W&B; `read_scores` reads it back.
 """
 from __future__ import annotations
@@ -62,15 +63,16 @@ class RunRecord:
         self.output_dir = Path(output_dir)
         self.scores_path = self.output_dir / SCORES_FILE
 
-    def preview_dir(self, epoch: int | None) -> Path:
-        return self.output_dir / "previews" / ("base" if epoch is None else f"epoch-{epoch:04d}")
+    def preview_dir(self, epoch: int | None, unit: str = "epoch") -> Path:
+        """previews/base, previews/epoch-0003, or previews/step-0400 for a run evaluated every N steps."""
+        return self.output_dir / "previews" / ("base" if epoch is None else f"{unit}-{epoch:04d}")
 
-    def preview_paths(self, epoch: int | None, seeds: Sequence[int]) -> list[Path]:
-        folder = self.preview_dir(epoch)
+    def preview_paths(self, epoch: int | None, seeds: Sequence[int], unit: str = "epoch") -> list[Path]:
+        folder = self.preview_dir(epoch, unit)
         return [folder / f"{index:02d}_seed{seed}.png" for index, seed in enumerate(seeds)]
 
-    def save_previews(self, epoch: int | None, images: Sequence[torch.Tensor], seeds: Sequence[int]) -> list[Path]:
-        paths = self.preview_paths(epoch, seeds)
+    def save_previews(self, epoch: int | None, images: Sequence[torch.Tensor], seeds: Sequence[int], unit: str = "epoch") -> list[Path]:
+        paths = self.preview_paths(epoch, seeds, unit)
         for image, path in zip(images, paths):
             save_png_atomic(image, path)
         return paths

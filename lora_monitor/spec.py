@@ -44,6 +44,7 @@ _TXT_OPTIONS: dict[str, tuple[str, str]] = {
     "d": ("seed", "seed"),
     "s": ("steps", "number of denoising steps"),
     "l": ("guidance_scale", "classifier-free guidance scale"),
+    "g": ("distilled_guidance", "distilled guidance scale (FLUX)"),
 }
 
 # Options kohya sd-scripts also understands (library/train_util.py, line_to_prompt_dict) but that
@@ -52,7 +53,6 @@ _TXT_OPTIONS: dict[str, tuple[str, str]] = {
 _TXT_IGNORED: dict[str, str] = {
     "ss": "sampler; previews use the training pipeline's scheduler",
     "cn": "ControlNet image; previews render without ControlNet",
-    "g": "FLUX/SD3 distilled guidance scale; the CFG scale is --l",
     "ctr": "CFG truncation ratio (Lumina)",
     "rcfg": "CFG renormalisation (Lumina)",
     "fs": "flow shift (SD3/FLUX)",
@@ -71,6 +71,7 @@ _ENTRY_KEYS: dict[str, str] = {
     "steps": "steps",
     "scale": "guidance_scale",
     "guidance_scale": "guidance_scale",
+    "distilled_guidance": "distilled_guidance",
 }
 
 # kohya entry keys we accept and ignore (one warning per key per file). `enum` is the index kohya
@@ -97,11 +98,16 @@ def _as_int(name: str, value: Any) -> int:
 
 @dataclass(frozen=True)
 class PreviewPrompt:
-    """One preview image: prompt, negative prompt, seed, steps, CFG scale and size.
+    """One preview image: prompt, negative prompt, seed, steps, guidance and size.
+
+    `guidance_scale` is the classifier-free guidance scale (kohya --l) and `distilled_guidance`
+    the embedded guidance of guidance-distilled models such as FLUX.1-dev (kohya --g); None
+    means the model family's default (e.g. CFG 7.5 for SD 1.x, 5.0 for SDXL; for FLUX, no true
+    CFG and distilled guidance 3.5), so one prompt file suits every family.
 
     Checked on construction: width and height positive multiples of 8 (the VAE downsamples by
-    8), steps >= 1, guidance_scale finite and >= 0, seed an int in [0, 2**63), prompt a
-    non-empty string. Ints given as other integer types are stored as int and the scale as
+    8), steps >= 1, guidance scales finite and >= 0, seed an int in [0, 2**63), prompt a
+    non-empty string. Ints given as other integer types are stored as int and the scales as
     float, so equal specs have equal fingerprints.
     """
 
@@ -109,9 +115,10 @@ class PreviewPrompt:
     negative_prompt: str = ""
     seed: int = 0
     steps: int = 20
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
     width: int = 512
     height: int = 512
+    distilled_guidance: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -129,16 +136,19 @@ class PreviewPrompt:
             if size <= 0 or size % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {size}")
             object.__setattr__(self, name, size)
-        scale = self.guidance_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {scale!r}")
+        for name in ("guidance_scale", "distilled_guidance"):
+            scale = getattr(self, name)
+            if scale is None:
+                continue
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {scale!r} (None: the model family's default)")
+            object.__setattr__(self, name, float(scale))
         object.__setattr__(self, "seed", seed)
         object.__setattr__(self, "steps", steps)
-        object.__setattr__(self, "guidance_scale", float(scale))
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+        """The fields as a plain JSON-serialisable dict; a guidance left to the model's default is left out."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -217,7 +227,7 @@ class PreviewSpec:
         seed: int = 0,
         negative_prompt: str = "",
         steps: int = 20,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         width: int = 512,
         height: int = 512,
     ) -> PreviewSpec:
@@ -247,7 +257,7 @@ class PreviewSpec:
         *,
         seed: int = 0,
         steps: int = 20,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         width: int = 512,
         height: int = 512,
         negative_prompt: str = "",
@@ -262,12 +272,13 @@ class PreviewSpec:
         - .txt (kohya sample prompt file): one prompt per line; blank lines and lines whose
           first non-blank character is `#` are skipped. Options follow the prompt, each
           introduced by " --" (space, two dashes; letters case-insensitive, as in kohya):
-          --n negative prompt, --w width, --h height, --d seed, --s steps, --l CFG scale.
-          kohya's --ss, --cn, --g, --ctr, --rcfg and --fs are accepted and ignored with one
-          warning each. Anything else is a ValueError naming file, line and option.
+          --n negative prompt, --w width, --h height, --d seed, --s steps, --l CFG scale,
+          --g distilled guidance (FLUX). kohya's --ss, --cn, --ctr, --rcfg and --fs are
+          accepted and ignored with one warning each. Anything else is a ValueError naming file, line and option.
         - .json: a list whose items are kohya prompt lines (strings, parsed as above) or
           objects with keys prompt, negative_prompt, width, height, seed, sample_steps (or
-          steps) and scale (or guidance_scale); `PreviewSpec.to_dict()` output is read too.
+          steps), scale (or guidance_scale) and distilled_guidance; `PreviewSpec.to_dict()`
+          output is read too.
         - .toml: kohya's layout, a [prompt] table whose keys are defaults for its
           [[prompt.subset]] entries (same keys as .json); an entry may override a default.
 
@@ -308,16 +319,16 @@ class PreviewSpec:
     def batches(self, max_batch_size: int) -> list[list[int]]:
         """Prompt indices grouped for batched rendering.
 
-        A group shares (width, height, steps, guidance_scale), which one pipeline call needs,
+        A group shares (width, height, steps, guidance_scale, distilled_guidance), which one pipeline call needs,
         and holds at most `max_batch_size` indices. Groups come in order of their first prompt
         and keep the prompts' order; the result depends on nothing but the spec.
         """
         size = _as_int("max_batch_size", max_batch_size)
         if size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {size}")
-        groups: dict[tuple[int, int, int, float], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for index, prompt in enumerate(self.prompts):
-            key = (prompt.width, prompt.height, prompt.steps, prompt.guidance_scale)
+            key = (prompt.width, prompt.height, prompt.steps, prompt.guidance_scale, prompt.distilled_guidance)
             groups.setdefault(key, []).append(index)
         return [indices[start:start + size] for indices in groups.values() for start in range(0, len(indices), size)]
 
@@ -384,7 +395,7 @@ def _parse_prompt_line(line: str, where: str, warn: _IgnoredWarner) -> dict[str,
             raise ValueError(f"{where}: option --{name} needs a value ({meaning})")
         if field == "negative_prompt":
             fields[field] = value
-        elif field == "guidance_scale":
+        elif field in ("guidance_scale", "distilled_guidance"):
             try:
                 fields[field] = float(value)
             except ValueError:

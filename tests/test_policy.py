@@ -210,7 +210,34 @@ def test_describe_is_json_and_complete():
                              bounds={"ssim": (0.3, None)})
     described = json.loads(json.dumps(policy.describe(), allow_nan=False))
     assert described == {"metric": "brisque", "higher_is_better": False, "mode": "min", "min_delta": 0.5,
-                         "patience": 4, "aggregate": "median", "bounds": {"ssim": [0.3, None]}}
+                         "patience": 4, "aggregate": "median", "bounds": {"ssim": [0.3, None]}, "unit": "epoch"}
+
+
+def test_step_unit_words_the_decisions_and_round_trips():
+    policy = BestEpochPolicy("brisque", higher_is_better=False, patience=1, unit="step")
+    assert "at step 100" in policy.update(100, {"brisque": [5.0]}, step=100).reason
+    decision = policy.update(200, {"brisque": [6.0]}, step=200)
+    assert decision.should_stop and "Stopping at step 200" in decision.reason and "(step 100)" in decision.reason
+    with pytest.raises(ValueError, match="step 150 is not after the last evaluated step 200"):
+        policy.update(150, {"brisque": [1.0]})
+    resumed = BestEpochPolicy("brisque", higher_is_better=False, patience=1, unit="step")
+    resumed.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+    assert (resumed.best_epoch, resumed.best_step, resumed.stopped_epoch) == (100, 100, 200)
+    epochs = BestEpochPolicy("brisque", higher_is_better=False, patience=1)
+    with pytest.raises(ValueError, match="unit: saved 'step', now 'epoch'"):
+        epochs.load_state_dict(policy.state_dict())
+    with pytest.raises(ValueError, match="unit can be 'epoch', 'step', got 'minute'"):
+        BestEpochPolicy("brisque", higher_is_better=False, unit="minute")
+
+
+def test_a_state_saved_before_units_existed_loads_as_epochs():
+    policy = BestEpochPolicy("brisque", higher_is_better=False)
+    policy.update(1, {"brisque": [5.0]})
+    state = policy.state_dict()
+    del state["settings"]["unit"]
+    fresh = BestEpochPolicy("brisque", higher_is_better=False)
+    fresh.load_state_dict(state)
+    assert fresh.best_epoch == 1
 
 
 # A run with NaN (encoded through JSON), a bound, ties and a stop.

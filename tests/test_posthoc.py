@@ -269,7 +269,7 @@ def test_strength_sweep_matches_diffusers_lora_scale(run, tmp_path):
     pipe, spec = run["pipe"], run["spec"]  # the in-memory LoRA is epoch 3, the file's weights
     for result in analysis.results:  # the same batch as the renderer's: both prompts, one generator each
         expected = pipe(
-            [p.prompt for p in spec.prompts], num_inference_steps=2, guidance_scale=spec.prompts[0].guidance_scale, width=64, height=64,
+            [p.prompt for p in spec.prompts], num_inference_steps=2, guidance_scale=run["renderer"].cfg_scale(spec.prompts[0]), width=64, height=64,
             generator=[torch.Generator().manual_seed(p.seed) for p in spec.prompts], output_type="pt",
             cross_attention_kwargs={"scale": result.candidate.strength},
         ).images

@@ -64,10 +64,9 @@ def test_kohya_docs_example_loads(tmp_path):
         "--n low quality, worst quality, bad anatomy,bad composition, poor, low effort --w 768 --h 768 --d 1 --l 7.5 --s 28\n"
         "Japanese shrine in the summer forest. --n low quality, ugly --w 512 --h 512 --d 1 --l 4.0 --g 0.0 --s 20\n"
     )
-    with pytest.warns(UserWarning, match=r"p\.txt:2: kohya option --g"):
-        spec = PreviewSpec.load(write(tmp_path, "p.txt", text))
-    assert [(p.width, p.height, p.seed, p.guidance_scale, p.steps) for p in spec.prompts] == [
-        (768, 768, 1, 7.5, 28), (512, 512, 1, 4.0, 20)]
+    spec = PreviewSpec.load(write(tmp_path, "p.txt", text))
+    assert [(p.width, p.height, p.seed, p.guidance_scale, p.distilled_guidance, p.steps) for p in spec.prompts] == [
+        (768, 768, 1, 7.5, None, 28), (512, 512, 1, 4.0, 0.0, 20)]
     assert spec.prompts[0].negative_prompt == "low quality, worst quality, bad anatomy,bad composition, poor, low effort"
 
 
@@ -90,7 +89,7 @@ def test_kohya_options_we_do_not_use_warn_once_per_option_per_file(tmp_path):
 @pytest.mark.parametrize(
     "line,pattern",
     [
-        ("a cat --q 3", r"p\.txt:2: unknown option --q; allowed options: --n, --w, --h, --d, --s, --l, --ss"),
+        ("a cat --q 3", r"p\.txt:2: unknown option --q; allowed options: --n, --w, --h, --d, --s, --l, --g, --ss"),
         ("a cat --w abc", r"p\.txt:2: --w 'abc' is not an integer; expected the width in pixels"),
         ("a cat --w 500", r"p\.txt:2: --w: width must be a positive multiple of 8, got 500"),
         ("a cat --h 0", r"p\.txt:2: --h: height must be a positive multiple of 8, got 0"),
