@@ -5,7 +5,9 @@ per prompt), the best epoch and whether this epoch is the best to every tracker 
 holds, and the previews, base references and a contact sheet to the trackers that take images
 (TensorBoard through its SummaryWriter; W&B through accelerate's own `log_images` unless a
 `WandbListener` covers W&B). `listeners_for(report_to)` builds the listeners for a
-`--report_to wandb|tensorboard|all|none` flag. Only the main process logs.
+`--report_to wandb|tensorboard|all|none` flag. Only the main process logs. A monitor built with
+every_n_steps is keyed by step everywhere: `monitor/step`, `monitor/best_step`, "step 400" in
+captions and contact-sheet columns.
 
 `scalars` and `ContactSheet` are shared with the W&B listener, so both name keys alike.
 """
@@ -31,10 +33,12 @@ REPORT_TO = ("wandb", "tensorboard", "all", "none")
 
 
 def scalars(monitor: "LoraMonitor", report: "EpochReport", namespace: str = "monitor") -> dict[str, float]:
-    """The numbers of one evaluation under `namespace/`: epoch, `<metric>_<aggregate>`,
-    `<metric>/prompt_<i>` per prompt, `is_best`, `best_epoch` and `best_<monitored metric>`."""
+    """The numbers of one evaluation under `namespace/`: the key in the report's unit (`epoch`, or
+    `step` for a step-based monitor), `<metric>_<aggregate>`, `<metric>/prompt_<i>` per prompt,
+    `is_best`, `best_<unit>` and `best_<monitored metric>`."""
     aggregate = monitor.policy.aggregate
-    values: dict[str, float] = {f"{namespace}/epoch": float(report.epoch)}
+    unit = report.unit
+    values: dict[str, float] = {f"{namespace}/{unit}": float(report.epoch)}
     for metric, per_prompt in report.scores.items():
         if metric in report.aggregates:
             values[f"{namespace}/{metric}_{aggregate}"] = float(report.aggregates[metric])
@@ -42,36 +46,40 @@ def scalars(monitor: "LoraMonitor", report: "EpochReport", namespace: str = "mon
             values[f"{namespace}/{metric}/prompt_{index:02d}"] = float(value)
     values[f"{namespace}/is_best"] = 1.0 if report.is_best else 0.0
     if report.decision.best_epoch is not None:
-        values[f"{namespace}/best_epoch"] = float(report.decision.best_epoch)
+        values[f"{namespace}/best_{unit}"] = float(report.decision.best_epoch)
         values[f"{namespace}/best_{monitor.policy.metric}"] = float(report.decision.best_value)
     return values
 
 
 def caption(monitor: "LoraMonitor", report: "EpochReport | None", index: int) -> str:
-    """`prompt | seed S | epoch E | metric value, ...` for preview `index` (report None: the base render)."""
+    """`prompt | seed S | epoch E | metric value, ...` (`step N` for a step-based monitor) for preview
+    `index` (report None: the base render)."""
     prompt = monitor.spec.prompts[index]
     parts = [prompt.prompt, f"seed {prompt.seed}"]
     if report is None:
         parts.append("base (LoRA off)")
     else:
-        parts.append(f"epoch {report.epoch}")
+        parts.append(report.label)
         parts.append(", ".join(f"{metric} {values[index]:.4g}" for metric, values in report.scores.items()))
     return " | ".join(parts)
 
 
 class ContactSheet:
-    """A grid of thumbnails: one row per preview prompt, one column per evaluated epoch, the base
-    render first. Keeps small thumbnails only, and at most `max_epochs` epoch columns (the newest)."""
+    """A grid of thumbnails: one row per preview prompt, one column per evaluation, the base render
+    first. Keeps small thumbnails only, and at most `max_epochs` evaluation columns (the newest).
+    Columns are labelled "<unit> <key>" ("epoch 3"; "step 400" with unit="step"), or by the label
+    given to `add`."""
 
-    def __init__(self, thumbnail: int = 128, max_epochs: int = 32) -> None:
+    def __init__(self, thumbnail: int = 128, max_epochs: int = 32, unit: str = "epoch") -> None:
         if thumbnail < 16:
             raise ValueError(f"thumbnail must be at least 16 pixels, got {thumbnail}")
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, got {max_epochs}")
         self.thumbnail = thumbnail
         self.max_epochs = max_epochs
+        self.unit = unit
         self.base: list[Image.Image] | None = None
-        self.epochs: list[tuple[int, list[Image.Image]]] = []
+        self.epochs: list[tuple[int, str, list[Image.Image]]] = []  # (key, column label, thumbnails)
 
     def _thumbnails(self, images: Sequence[torch.Tensor]) -> list[Image.Image]:
         thumbs = []
@@ -84,19 +92,21 @@ class ContactSheet:
     def set_base(self, images: Sequence[torch.Tensor]) -> None:
         self.base = self._thumbnails(images)
 
-    def add(self, epoch: int, images: Sequence[torch.Tensor]) -> None:
-        self.epochs.append((epoch, self._thumbnails(images)))
+    def add(self, epoch: int, images: Sequence[torch.Tensor], label: str | None = None) -> None:
+        """A column for the evaluation keyed `epoch` (in the sheet's unit), labelled `label` if given
+        (a report's `label`), else "<unit> <epoch>"."""
+        self.epochs.append((epoch, label if label is not None else f"{self.unit} {epoch}", self._thumbnails(images)))
         del self.epochs[: -self.max_epochs]
 
     @property
     def columns(self) -> list[str]:
         labels = ["base"] if self.base is not None else []
-        return labels + [f"epoch {epoch}" for epoch, _ in self.epochs]
+        return labels + [label for _, label, _ in self.epochs]
 
     def render(self, best_epoch: int | None = None) -> Image.Image:
-        """The sheet as an RGB image; the best epoch's column label ends with '*'."""
+        """The sheet as an RGB image; the best evaluation's column label (`best_epoch`: its key) ends with '*'."""
         columns = ([("base", self.base)] if self.base is not None else []) + [
-            (f"epoch {epoch}" + (" *" if epoch == best_epoch else ""), thumbs) for epoch, thumbs in self.epochs
+            (label + (" *" if epoch == best_epoch else ""), thumbs) for epoch, label, thumbs in self.epochs
         ]
         if not columns:
             raise ValueError("the contact sheet is empty: add an epoch's previews first")
@@ -138,8 +148,8 @@ class TrackersListener(BaseKeeper):
     """Sends each evaluation to the Accelerator's trackers (`monitor.attach(accelerator)` first).
 
     Scalars go to every tracker at `step` = the report's global step (the epoch when the loop gives
-    none). Images go to TensorBoard (`<namespace>/preview/<i>`, `<namespace>/base/<i>`,
-    `<namespace>/contact_sheet`) and to accelerate's W&B tracker. Trackers named in `exclude` get
+    none; a step-based monitor's key is its step). Images go to TensorBoard (`<namespace>/preview/<i>`,
+    `<namespace>/base/<i>`, `<namespace>/contact_sheet`) and to accelerate's W&B tracker. Trackers named in `exclude` get
     nothing; by default those covered by another listener of the same monitor (a `WandbListener`
     covers "wandb") are excluded, so nothing is logged twice. A failing tracker gets one warning
     and never stops training.
@@ -170,7 +180,7 @@ class TrackersListener(BaseKeeper):
         if not monitor.is_main_process or monitor.accelerator is None:
             return
         if self.sheet is not None:
-            self.sheet.add(report.epoch, report.images)
+            self.sheet.add(report.epoch, report.images, label=report.label)
         step = report.step if report.step is not None else report.epoch
         values = scalars(monitor, report, self.namespace)
         excluded = self._excluded(monitor)

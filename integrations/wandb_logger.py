@@ -10,6 +10,10 @@
   - the best checkpoint folder as an Artifact of type "model" with aliases best, epoch-N and latest,
     metadata = the checkpoint's sidecar (scores, policy, spec fingerprint), when the best changes.
 
+A monitor built with every_n_steps is keyed by step instead: plotted against `monitor/step`,
+`best_step`/`stop_step` in the summary, a `step` table column, "step 400" in captions and
+contact-sheet columns, and the artifact alias `step-400`.
+
 It logs into the run the user already has (accelerate's wandb tracker, or `wandb.run`) or starts
 one. W&B failing never stops training: the first failure is one warning, a run that cannot start
 turns the listener off, and the monitor's local record is written whatever W&B does. Only the
@@ -47,6 +51,8 @@ def monitor_config(monitor: "LoraMonitor") -> dict[str, Any]:
             "every_n_epochs": monitor.every_n_epochs,
             "spec_fingerprint": monitor.spec.fingerprint(),
             "prompts": [prompt.to_dict() for prompt in monitor.spec.prompts],
+            # a step-based monitor says so; an epoch-based one's config is as it always was
+            **({"unit": "step", "every_n_steps": monitor.every_n_steps} if monitor.unit == "step" else {}),
         }
     )
 
@@ -115,7 +121,7 @@ class WandbListener(BaseKeeper):
         if not monitor.is_main_process or self.disabled:
             return
         if self.sheet is not None:
-            self.sheet.add(report.epoch, report.images)
+            self.sheet.add(report.epoch, report.images, label=report.label)
         run = self._ensure_run(monitor)
         if run is None:
             return
@@ -123,7 +129,7 @@ class WandbListener(BaseKeeper):
             try:
                 action(run, monitor, report)
             except Exception as error:  # W&B must never stop training
-                self._failed(monitor, f"logging epoch {report.epoch}", error)
+                self._failed(monitor, f"logging {report.label}", error)
 
     def finish(self) -> None:
         """Finish the run if this listener started it (a user's or accelerate's run is theirs to end)."""
@@ -156,9 +162,9 @@ class WandbListener(BaseKeeper):
                 self.owns_run = True
             else:
                 self.run.config.update({"lora_monitor": monitor_config(monitor)}, allow_val_change=True)
-            ns = self.namespace
-            self.run.define_metric(f"{ns}/epoch")
-            self.run.define_metric(f"{ns}/*", step_metric=f"{ns}/epoch")
+            ns, unit = self.namespace, monitor.unit  # the x-axis: monitor/epoch, or monitor/step for a step-based monitor
+            self.run.define_metric(f"{ns}/{unit}")
+            self.run.define_metric(f"{ns}/*", step_metric=f"{ns}/{unit}")
         except Exception as error:
             self._failed(monitor, "starting the W&B run", error)
             self.disabled = True
@@ -201,7 +207,7 @@ class WandbListener(BaseKeeper):
         import wandb
 
         metrics = list(report.scores)
-        table = wandb.Table(columns=["epoch", "index", "prompt", "seed", "preview", "base", *metrics])
+        table = wandb.Table(columns=[report.unit, "index", "prompt", "seed", "preview", "base", *metrics])
         for index, prompt in enumerate(monitor.spec.prompts):
             preview = base = None
             if self.log_images:
@@ -211,12 +217,12 @@ class WandbListener(BaseKeeper):
         return table
 
     def _update_summary(self, run: Any, monitor: "LoraMonitor", report: "EpochReport") -> None:
-        ns, policy = self.namespace, monitor.policy
+        ns, policy, unit = self.namespace, monitor.policy, report.unit
         summary = {
-            f"{ns}/best_epoch": report.decision.best_epoch,
+            f"{ns}/best_{unit}": report.decision.best_epoch,
             f"{ns}/best_{policy.metric}": report.decision.best_value,
             f"{ns}/best_metric": f"{policy.metric} ({policy.aggregate} over prompts, {policy.mode})",
-            f"{ns}/stop_epoch": policy.stopped_epoch,
+            f"{ns}/stop_{unit}": policy.stopped_epoch,
             f"{ns}/stop_reason": policy.stop_reason,
         }
         changed = {key: value for key, value in summary.items() if value is not None and self._summary.get(key) != value}
@@ -239,7 +245,7 @@ class WandbListener(BaseKeeper):
         # add_dir copies the files into W&B's staging area now, so the next best may replace the folder.
         # Never artifact.wait(): it raises in offline mode, and training must not wait for an upload.
         artifact.add_dir(str(folder))
-        run.log_artifact(artifact, aliases=["best", f"epoch-{report.epoch}", "latest"])
+        run.log_artifact(artifact, aliases=["best", f"{report.unit}-{report.epoch}", "latest"])
 
     # ----------------------------------------------------------------- failures
     def _failed(self, monitor: "LoraMonitor | None", doing: str, error: BaseException) -> None:

@@ -366,7 +366,7 @@ class LoraMonitor:
         decide, record, export and tell the listeners. Used by on_epoch_end and for images rendered elsewhere."""
         images = list(images)
         if len(images) != len(self.spec):
-            raise ValueError(f"got {len(images)} images for epoch {epoch}, but the spec has {len(self.spec)} preview prompts")
+            raise ValueError(f"got {len(images)} images for {self.unit} {epoch}, but the spec has {len(self.spec)} preview prompts")
         if references is None and self.needs_references:
             references = self.base_references()
         self._warn_non_finite(epoch, images)
@@ -390,7 +390,7 @@ class LoraMonitor:
         indices = [int(index) for index in indices]
         images = list(images)
         if len(indices) != len(images):
-            raise ValueError(f"epoch {epoch}: got {len(images)} images for {len(indices)} preview indices {indices}")
+            raise ValueError(f"{self.unit} {epoch}: got {len(images)} images for {len(indices)} preview indices {indices}")
         return self._evaluate_shards(epoch, indices, lambda: images, step, references)
 
     def _evaluate_shards(
@@ -410,11 +410,11 @@ class LoraMonitor:
         def local() -> tuple[list[int], list[torch.Tensor], dict[str, list[float]]]:
             shard = [image.detach().float().cpu() for image in render()]
             if len(shard) != len(indices):
-                raise ValueError(f"epoch {epoch}: got {len(shard)} images for {len(indices)} preview indices {indices}")
+                raise ValueError(f"{self.unit} {epoch}: got {len(shard)} images for {len(indices)} preview indices {indices}")
             shard_references = [references[i] for i in indices] if references is not None else None
             return indices, shard, self.score(shard, shard_references)
 
-        shards = distributed.all_gather_checked(local, what=f"epoch {epoch}'s previews")
+        shards = distributed.all_gather_checked(local, what=f"{self.unit} {epoch}'s previews")
         count = len(self.spec)
         images = distributed.assemble([(shard, shard_images) for shard, shard_images, _ in shards], count)
         scores = {name: distributed.assemble([(shard, s[name]) for shard, _, s in shards], count) for name in shards[0][2]}
@@ -425,7 +425,7 @@ class LoraMonitor:
             reports.append(self._decide(epoch, step, images, scores))
             return reports[0].decision, self.policy.state_dict(), list(self.top_k_epochs)
 
-        decision, policy_state, top_k_epochs = distributed.broadcast_checked(decide, what=f"deciding on epoch {epoch}")
+        decision, policy_state, top_k_epochs = distributed.broadcast_checked(decide, what=f"deciding on {self.unit} {epoch}")
         if reports:  # the main process
             return reports[0]
         self.policy.load_state_dict(policy_state)
@@ -437,7 +437,7 @@ class LoraMonitor:
         if broken:
             self._warn_once(
                 "non-finite",
-                f"epoch {epoch}: preview(s) {broken} contain NaN or inf values (has training diverged?); they score as the worst",
+                f"{self.unit} {epoch}: preview(s) {broken} contain NaN or inf values (has training diverged?); they score as the worst",
             )
 
     def _decide(self, epoch: int, step: int | None, images: list[torch.Tensor], scores: dict[str, list[float]]) -> EpochReport:
@@ -450,7 +450,7 @@ class LoraMonitor:
             if self.export:
                 report.exported = self._export(report)
             self.record.append_scores(self._score_line(report))
-            logger.info("epoch %d: %s", epoch, decision.reason)
+            logger.info("%s: %s", report.label, decision.reason)
             self._notify("on_evaluation", report)
         return report
 
@@ -488,10 +488,10 @@ class LoraMonitor:
             ranked = [r.epoch for r in self.policy.ranked(self.top_k)]
             top_dir = self.output_dir / "top_k"
             if report.epoch in ranked:
-                exporting.export_checkpoint(top_dir / f"epoch-{report.epoch:04d}", self.write_weights, sidecar)
+                exporting.export_checkpoint(top_dir / f"{self.unit}-{report.epoch:04d}", self.write_weights, sidecar)
             for epoch in self.top_k_epochs:
                 if epoch not in ranked:
-                    exporting.remove_checkpoint(top_dir / f"epoch-{epoch:04d}")
+                    exporting.remove_checkpoint(top_dir / f"{self.unit}-{epoch:04d}")
             self.top_k_epochs = [epoch for epoch in ranked if epoch == report.epoch or epoch in self.top_k_epochs]
         return exported
 

@@ -11,7 +11,7 @@ import torch
 from conftest import nudge_lora
 from PIL import Image
 
-from lora_monitor.integrations.trackers import ContactSheet, TrackersListener, listeners_for
+from lora_monitor.integrations.trackers import ContactSheet, TrackersListener, caption, listeners_for
 from lora_monitor.monitor import LoraMonitor
 from lora_monitor.record import read_scores
 
@@ -95,6 +95,43 @@ def test_tensorboard_event_file_holds_scalars_and_images_and_a_broken_tracker_wa
     assert [line["epoch"] for line in read_scores(tmp_path / "out")] == [1, 2]
 
 
+def test_a_step_based_monitor_is_keyed_by_step_in_tensorboard(pipeline, small_spec, tmp_path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accelerator = Accelerator(log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(tmp_path), logging_dir=str(tmp_path / "logs")))
+    accelerator.init_trackers("lm-tb-steps")
+    listener = TrackersListener()
+    monitor = make_monitor(pipeline, small_spec, tmp_path / "out", every_n_steps=2, listeners=[listener]).attach(accelerator)
+    assert monitor.unit == "step"
+    reports = []
+    for step in (1, 2, 3, 4):
+        nudge_lora(pipeline.unet, seed=step)
+        report = monitor.on_step_end(step)
+        if report is not None:
+            reports.append(report)
+    accelerator.end_training()
+    assert [(r.unit, r.epoch, r.step, r.label) for r in reports] == [("step", 2, 2, "step 2"), ("step", 4, 4, "step 4")]
+
+    events = EventAccumulator(str(tmp_path / "logs" / "lm-tb-steps"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    scalar_tags = set(events.Tags()["scalars"])
+    assert {"monitor/step", "monitor/best_step"} <= scalar_tags
+    assert not {"monitor/epoch", "monitor/best_epoch"} & scalar_tags
+    assert [(event.step, event.value) for event in events.Scalars("monitor/step")] == [(2, 2), (4, 4)]
+    assert [event.value for event in events.Scalars("monitor/best_step")] == [r.decision.best_epoch for r in reports]
+    assert [event.step for event in events.Scalars("monitor/ssim_mean")] == [2, 4]
+    assert [event.step for event in events.Images("monitor/preview/00")] == [2, 4]
+    assert [event.width for event in events.Images("monitor/contact_sheet")] == [2 * 66 + 2, 3 * 66 + 2]
+
+    assert listener.sheet.columns == ["base", "step 2", "step 4"]
+    assert caption(monitor, reports[1], 0).startswith("a red circle | seed 7 | step 4 | ssim ")
+    lines = read_scores(tmp_path / "out")
+    assert [(line["unit"], line["epoch"]) for line in lines] == [("step", 2), ("step", 4)]
+    assert lines[1]["previews"][0].startswith("previews/step-0004/")
+
+
 def solid(colour: tuple[int, int, int], size: int = 32) -> torch.Tensor:
     return torch.tensor(colour, dtype=torch.float32).div(255).view(3, 1, 1).expand(3, size, size).clone()
 
@@ -113,6 +150,11 @@ def test_contact_sheet_has_a_row_per_prompt_and_a_column_per_epoch_after_the_bas
         for row in (0, 1):
             centre = (2 + column * 18 + 8, 14 + 2 + row * 18 + 8)
             assert image.getpixel(centre) == colours[key][row], (column, row)
+    steps = ContactSheet(thumbnail=16, unit="step")  # a step-based monitor's columns
+    steps.add(400, [solid((1, 2, 3))])
+    steps.add(800, [solid((4, 5, 6))], label="step 800")
+    assert steps.columns == ["step 400", "step 800"]
+    assert steps.render(best_epoch=800).size == (2 * 18 + 2, 14 + 18 + 2)
     with pytest.raises(ValueError, match="empty"):
         ContactSheet().render()
     with pytest.raises(ValueError, match="thumbnail"):

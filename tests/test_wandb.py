@@ -223,6 +223,64 @@ def test_offline_run_holds_images_table_summary_and_best_artifacts(pipeline, sma
     assert leaked == []
 
 
+def test_a_step_based_monitor_is_keyed_by_step_in_the_offline_run(pipeline, small_spec, tmp_path, wandb_env):
+    listener = WandbListener(project="lm-test", name="offline-steps")
+    monitor = make_monitor(pipeline, small_spec, tmp_path / "out", every_n_steps=2, patience=1, listeners=[listener])
+    nudge_lora(pipeline.unet, seed=1)
+    first = monitor.on_step_end(2)  # first best
+    assert monitor.on_step_end(3) is None  # not due
+    zero_lora(pipeline.unet)
+    second = monitor.on_step_end(4)  # better: equals the base
+    nudge_lora(pipeline.unet, seed=3)
+    third = monitor.on_step_end(6)  # worse: patience 1 runs out
+    assert first.is_best and second.is_best and not third.is_best and third.should_stop
+    assert [r.label for r in (first, second, third)] == ["step 2", "step 4", "step 6"]
+    assert listener.errors == []
+    listener.finish()
+    close_wandb()
+    run = OfflineRun(wandb_env["WANDB_DIR"])
+
+    config = run.config["lora_monitor"]
+    assert config["unit"] == "step" and config["every_n_steps"] == 2 and config["policy"]["unit"] == "step"
+
+    # scalars against monitor/step; no epoch keys anywhere
+    metrics = run.of("metric")
+    assert any(m.glob_name == "monitor/*" and m.step_metric == "monitor/step" for m in metrics)
+    assert not any(m.step_metric == "monitor/epoch" or m.name == "monitor/epoch" for m in metrics)
+    rows = [row for row in run.history if "monitor/ssim_mean" in row]
+    assert [row["monitor/step"] for row in rows] == [2, 4, 6]
+    assert [row["monitor/best_step"] for row in rows] == [2, 4, 4]
+    assert not any(key.endswith("epoch") for row in rows for key in row)
+
+    # the table's first column is the step; the contact sheet's columns are steps
+    tables = run.artifacts("run_table")
+    staged = {entry.path: Path(entry.local_path) for entry in tables[-1].manifest.contents}
+    table = json.loads(staged["monitor/table.table.json"].read_text())
+    assert table["columns"] == ["step", "index", "prompt", "seed", "preview", "base", "ssim"]
+    assert [row[:2] for row in table["data"]] == [[6, 0], [6, 1]]
+    assert listener.sheet.columns == ["base", "step 2", "step 4", "step 6"]
+
+    # captions and the contact sheet's caption say "step N" (the previews' captions are in the run's media JSON)
+    row = rows[2]
+    assert row["monitor/contact_sheet"]["caption"] == "rows: prompts; columns: base, step 2, step 4, step 6"
+    assert row["monitor/previews"]["captions"][0].startswith("a red circle | seed 7 | step 6 | ssim ")
+
+    # summary keyed by step
+    summary = run.summary
+    assert summary["monitor/best_step"] == 4 and summary["monitor/stop_step"] == 6
+    assert "monitor/best_epoch" not in summary and "monitor/stop_epoch" not in summary
+    assert summary["monitor/stop_reason"].startswith("Stopping at step 6")
+
+    # best checkpoint artifacts aliased by step
+    artifacts = run.artifacts("model")
+    assert [sorted(a.aliases) for a in artifacts] == [["best", "latest", "step-2"], ["best", "latest", "step-4"]]
+    metadata = json.loads(artifacts[1].metadata)
+    assert metadata["unit"] == "step" and metadata["epoch"] == 4 and metadata["step"] == 4
+
+    lines = read_scores(tmp_path / "out")
+    assert [(line["unit"], line["epoch"]) for line in lines] == [("step", 2), ("step", 4), ("step", 6)]
+
+
 def test_logs_into_accelerates_wandb_run_and_trackers_listener_does_not_repeat_it(pipeline, small_spec, tmp_path, wandb_env):
     from accelerate import Accelerator
 
