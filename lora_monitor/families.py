@@ -45,6 +45,8 @@ class Family:
             scheduler (a DDIM made from a flow-matching config samples nonsense).
         min_diffusers: the first diffusers release with this pipeline.
         extra_components: pipeline constructor arguments with fixed values (no safety checker...).
+        call_arguments: pipeline call arguments with fixed values (Sana: render at the asked size,
+            not at its aspect-ratio bin).
         unet_config_marker: for UNet families, a (config key, value) that tells them apart.
     """
 
@@ -65,6 +67,7 @@ class Family:
     optional_encoders: tuple[str, ...] = ()
     min_diffusers: str = "0.27.0"
     extra_components: Mapping[str, Any] = field(default_factory=dict)
+    call_arguments: Mapping[str, Any] = field(default_factory=dict)
     unet_config_marker: tuple[str, Any] | None = None
 
     @property
@@ -167,6 +170,7 @@ FAMILIES: dict[str, Family] = {
             cfg_default=4.5,
             flow_matching=True,
             min_diffusers="0.32.0",
+            call_arguments={"use_resolution_binning": False},
         ),
         Family(
             name="lumina2",

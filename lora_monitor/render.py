@@ -198,6 +198,7 @@ class PreviewRenderer:
         build.update(self.family.extra_components)
         self.pipeline = pipeline_class(**{name: value for name, value in build.items() if name in arguments})
         self.pipeline.set_progress_bar_config(disable=True)
+        self._call_parameters = set(inspect.signature(self.pipeline.__call__).parameters)
         self._embeddings: dict[tuple[str, str, bool], dict[str, torch.Tensor]] = {}
         self.vae_report: dict[str, Any] = {}
 
@@ -261,13 +262,15 @@ class PreviewRenderer:
         wanted = {"prompt": texts, "device": self.denoiser.device, "num_images_per_prompt": 1, "do_classifier_free_guidance": negatives is not None}
         if negatives is not None and self.family.negative_outputs is None:
             wanted["negative_prompt"] = negatives
+        # prompt_2, prompt_3, negative_prompt_2...: None means "the same text" to every pipeline (SD3 has no default)
+        wanted.update({name: None for name in encode_parameters if name.startswith(("prompt_", "negative_prompt_")) and name[-1].isdigit()})
         kwargs.update({name: value for name, value in wanted.items() if name in encode_parameters})
         outputs = pipeline.encode_prompt(**kwargs)
-        result = {name: value for name, value in zip(self.family.encode_outputs, outputs) if name is not None and value is not None}
+        result = dict(zip(self.family.encode_outputs, outputs))
         if negatives is not None and self.family.negative_outputs is not None:
             negative = self._encode_call(negatives, None)
-            result.update({neg: negative[pos] for pos, neg in zip(self.family.encode_outputs, self.family.negative_outputs) if neg is not None})
-        return result
+            result.update({neg: negative.get(pos) for pos, neg in zip(self.family.encode_outputs, self.family.negative_outputs)})
+        return {name: value for name, value in result.items() if name is not None}
 
     def _prompt_embeddings(self, prompt: PreviewPrompt) -> dict[str, torch.Tensor]:
         key = (prompt.prompt, prompt.negative_prompt, self._needs_negative(prompt))
@@ -279,7 +282,7 @@ class PreviewRenderer:
                 "give the monitor every preview prompt when it is built"
             )
         negatives = [prompt.negative_prompt] if self._needs_negative(prompt) else None
-        embeddings = {name: tensor.detach() for name, tensor in self._encode_call([prompt.prompt], negatives).items()}
+        embeddings = {name: tensor if tensor is None else tensor.detach() for name, tensor in self._encode_call([prompt.prompt], negatives).items()}
         if not self.live_encoders:
             self._embeddings[key] = embeddings
         return embeddings
@@ -301,18 +304,27 @@ class PreviewRenderer:
         digest = hashlib.sha256()
         for key in sorted(self._embeddings):
             digest.update(repr(key).encode())
-            for name, tensor in sorted(self._embeddings[key].items()):
+            for name, tensor in sorted((name, tensor) for name, tensor in self._embeddings[key].items() if tensor is not None):
                 digest.update(f"{name}:{tensor.to('cpu', torch.float64).sum().item():.10e}".encode())
         return digest.hexdigest()
 
     def _batch_embeddings(self, batch: Sequence[int], spec: PreviewSpec) -> dict[str, torch.Tensor]:
-        """The batch's embeddings side by side; sequences of different lengths (Qwen trims to the text) are
-        zero-padded at the end, with their attention masks."""
+        """The batch's embeddings side by side. Sequences of different lengths (Qwen trims to the text) are
+        zero-padded at the end; a mask an encoder left out (all tokens valid) is all ones."""
         per_prompt = [self._prompt_embeddings(spec.prompts[i]) for i in batch]
         device = self.denoiser.device
         merged = {}
         for name in per_prompt[0]:
             tensors = [embeddings[name] for embeddings in per_prompt]
+            if name.endswith("mask"):  # a mask an encoder left out (every token valid) is all ones: pipelines need it to pad
+                embeds = name.replace("_attention_mask", "_embeds").replace("_embeds_mask", "_embeds")
+                tensors = [
+                    torch.ones(embeddings[embeds].shape[:2], dtype=torch.long, device=embeddings[embeds].device)
+                    if tensor is None and embeddings.get(embeds) is not None else tensor
+                    for tensor, embeddings in zip(tensors, per_prompt)
+                ]
+            if any(tensor is None for tensor in tensors):
+                continue
             if tensors[0].dim() >= 2 and len({t.shape[1] for t in tensors}) > 1:
                 length = max(t.shape[1] for t in tensors)
                 tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1])) for t in tensors]
@@ -320,15 +332,19 @@ class PreviewRenderer:
         return merged
 
     # ----------------------------------------------------------------- rendering
-    def _call_arguments(self, prompt: PreviewPrompt) -> dict[str, Any]:
+    def call_arguments(self, prompt: PreviewPrompt) -> dict[str, Any]:
+        """The pipeline call's arguments for `prompt` besides prompts/embeddings and generators."""
         family = self.family
         arguments = {
+            **family.call_arguments,
             "num_inference_steps": prompt.steps,
             "width": prompt.width,
             "height": prompt.height,
             family.cfg_argument: self.cfg_scale(prompt),
             "output_type": "pt",
         }
+        if "negative_prompt" in self._call_parameters:  # embeddings go in; a default negative text would clash (Sana's is "")
+            arguments["negative_prompt"] = None
         if family.distilled_argument:
             arguments[family.distilled_argument] = (
                 family.distilled_default if prompt.distilled_guidance is None else prompt.distilled_guidance
@@ -381,7 +397,7 @@ class PreviewRenderer:
         first = spec.prompts[batch[0]]
         output = self.pipeline(
             **self._batch_embeddings(batch, spec),
-            **self._call_arguments(first),
+            **self.call_arguments(first),
             generator=[torch.Generator(device="cpu").manual_seed(spec.prompts[i].seed) for i in batch],
         )
         return [image.detach().float().cpu() for image in output.images]
