@@ -170,7 +170,8 @@ FAMILIES: dict[str, Family] = {
             cfg_default=4.5,
             flow_matching=True,
             min_diffusers="0.32.0",
-            call_arguments={"use_resolution_binning": False},
+            # previews at the asked size, not its aspect-ratio bin; no caption cleaning (0.32 turns it on and wants bs4/ftfy)
+            call_arguments={"use_resolution_binning": False, "clean_caption": False},
         ),
         Family(
             name="lumina2",
@@ -196,7 +197,7 @@ FAMILIES: dict[str, Family] = {
             ),
             cfg_default=4.0,
             flow_matching=True,
-            min_diffusers="0.35.0",
+            min_diffusers="0.34.0",
         ),
         Family(
             name="qwenimage",

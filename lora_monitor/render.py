@@ -259,6 +259,7 @@ class PreviewRenderer:
             if name in call_parameters and call_parameters[name].default is not inspect.Parameter.empty
             and not name.startswith(("prompt", "negative_")) and name not in ("lora_scale", "device", "dtype")
         }
+        kwargs.update({name: value for name, value in self.family.call_arguments.items() if name in encode_parameters})
         wanted = {"prompt": texts, "device": self.denoiser.device, "num_images_per_prompt": 1, "do_classifier_free_guidance": negatives is not None}
         if negatives is not None and self.family.negative_outputs is None:
             wanted["negative_prompt"] = negatives
