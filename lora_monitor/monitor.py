@@ -298,6 +298,7 @@ class LoraMonitor:
                 exporting.write_json_atomic(key_file, {"key": key, "spec_fingerprint": self.spec.fingerprint()})
 
             distributed.broadcast_checked(save, what="writing the base previews")
+            self._warn_non_finite_base(images)
         self.set_base_references(images)
         return self._base_images
 
@@ -431,6 +432,19 @@ class LoraMonitor:
         self.policy.load_state_dict(policy_state)
         self.top_k_epochs = top_k_epochs
         return EpochReport(epoch, step, images, scores, decision, aggregates=dict(self.policy.history[-1].aggregates), unit=self.unit)
+
+    def _warn_non_finite_base(self, images: Sequence[torch.Tensor]) -> None:
+        broken = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
+        if not broken:
+            return
+        overflow = self.renderer.vae_report.get("vae_overflow")
+        cause = (
+            f"the VAE decode in {overflow} turned finite latents into NaN/inf: keep the VAE in float32 (vae.to(torch.float32)) "
+            "or use a VAE made for half precision (for SDXL, madebyollin/sdxl-vae-fp16-fix)"
+            if overflow
+            else "the base model itself produced NaN/inf (check its dtype and weights)"
+        )
+        self._warn_once("base-non-finite", f"base preview(s) {broken} are not finite: {cause}; scores against them are NaN (the worst)")
 
     def _warn_non_finite(self, epoch: int, images: Sequence[torch.Tensor]) -> None:
         broken = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]

@@ -393,3 +393,13 @@ def test_a_float16_vae_that_asks_for_upcasting_decodes_in_float32_one_image_at_a
     assert all(p.dtype == torch.float16 and torch.equal(p, weights[name]) for name, p in vae.named_parameters()), "the VAE must be put back"
     for ours, theirs in zip(images, reference):
         torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=0)
+
+
+def test_base_renders_that_overflow_in_the_vae_say_it_is_the_vae(pipeline, small_spec, tmp_path):
+    """A decoder whose first layer overflows (scaled by 1e38, as fp16 overflows past 65504) turns finite latents
+    into inf/NaN pixels: the warning names the VAE and the fix, not 'training diverged'."""
+    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    with torch.no_grad():
+        pipeline.vae.decoder.conv_in.weight.mul_(1e38)
+    with pytest.warns(RuntimeWarning, match=r"base preview\(s\) \[0, 1\] are not finite: the VAE decode in float32 turned finite latents into NaN/inf"):
+        monitor.base_references()
