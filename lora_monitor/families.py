@@ -41,6 +41,8 @@ class Family:
         distilled_argument: the call argument of a guidance-distilled model (Flux's embedded guidance).
         distilled_default: that value for prompts that set none (kohya `--g`).
         cfg_needs_negative: CFG runs only when negative embeddings are passed (true CFG: Flux, Qwen).
+        latent_patch: the side of the latent patches the denoiser turns into tokens (2x2 for the
+            MMDiT/Flux-style transformers): preview sizes must divide by it times the VAE's factor.
         flow_matching: the family is trained with flow matching; previews keep its flow-matching
             scheduler (a DDIM made from a flow-matching config samples nonsense).
         min_diffusers: the first diffusers release with this pipeline.
@@ -64,6 +66,7 @@ class Family:
     distilled_default: float | None = None
     cfg_needs_negative: bool = False
     flow_matching: bool = False
+    latent_patch: int = 1
     optional_encoders: tuple[str, ...] = ()
     min_diffusers: str = "0.27.0"
     extra_components: Mapping[str, Any] = field(default_factory=dict)
@@ -140,6 +143,7 @@ FAMILIES: dict[str, Family] = {
             encode_outputs=_POOLED_OUTPUTS,
             cfg_default=7.0,
             flow_matching=True,
+            latent_patch=2,
             min_diffusers="0.29.0",
         ),
         Family(
@@ -157,6 +161,7 @@ FAMILIES: dict[str, Family] = {
             distilled_argument="guidance_scale",
             distilled_default=3.5,
             flow_matching=True,
+            latent_patch=2,
             min_diffusers="0.30.0",
         ),
         Family(
@@ -183,6 +188,7 @@ FAMILIES: dict[str, Family] = {
             encode_outputs=_MASKED_OUTPUTS,
             cfg_default=4.0,
             flow_matching=True,
+            latent_patch=2,
             min_diffusers="0.33.0",
         ),
         Family(
@@ -197,6 +203,7 @@ FAMILIES: dict[str, Family] = {
             ),
             cfg_default=4.0,
             flow_matching=True,
+            latent_patch=2,
             min_diffusers="0.34.0",
         ),
         Family(
@@ -212,6 +219,7 @@ FAMILIES: dict[str, Family] = {
             cfg_default=4.0,
             cfg_needs_negative=True,
             flow_matching=True,
+            latent_patch=2,
             min_diffusers="0.35.0",
         ),
     )

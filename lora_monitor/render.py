@@ -123,13 +123,17 @@ def guarded_vae_decode(vae: torch.nn.Module, report: dict[str, Any]) -> Iterator
 
         return DecoderOutput(sample=sample)
 
+    own = vae.__dict__.get("decode")  # a decode set on the instance before us is put back as it was
     vae.decode = one_at_a_time
     if upcast:
         vae.to(torch.float32)
     try:
         yield
     finally:
-        del vae.decode
+        if own is None:
+            del vae.decode
+        else:
+            vae.decode = own
         if upcast:
             vae.to(dtype)
 
@@ -226,9 +230,8 @@ class PreviewRenderer:
 
     @property
     def vae_scale_factor(self) -> int:
-        factor = getattr(self.pipeline, "vae_scale_factor", 8)
-        # Flux-style transformers pack 2x2 latent patches: sizes must divide by twice the VAE's factor
-        return factor * 2 if self.family.name in ("flux", "chroma", "qwenimage") else factor
+        """What preview sizes must divide by: the VAE's downsampling times the denoiser's latent patch."""
+        return getattr(self.pipeline, "vae_scale_factor", 8) * self.family.latent_patch
 
     def check_spec(self, spec: PreviewSpec) -> None:
         """Fail before training when a preview size does not fit this model's latent grid."""
