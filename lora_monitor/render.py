@@ -263,7 +263,8 @@ class PreviewRenderer:
             and not name.startswith(("prompt", "negative_")) and name not in ("lora_scale", "device", "dtype")
         }
         kwargs.update({name: value for name, value in self.family.call_arguments.items() if name in encode_parameters})
-        wanted = {"prompt": texts, "device": self.denoiser.device, "num_images_per_prompt": 1, "do_classifier_free_guidance": negatives is not None}
+        device = self.text_encoders[0].device  # where the encoders are; the embeddings move to the denoiser when rendered
+        wanted = {"prompt": texts, "device": device, "num_images_per_prompt": 1, "do_classifier_free_guidance": negatives is not None}
         if negatives is not None and self.family.negative_outputs is None:
             wanted["negative_prompt"] = negatives
         # prompt_2, prompt_3, negative_prompt_2...: None means "the same text" to every pipeline (SD3 has no default)
