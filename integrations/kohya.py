@@ -1,14 +1,19 @@
-"""kohya-ss sd-scripts: its file contract, and the launcher that monitors a train_network.py run.
+"""kohya-ss sd-scripts: its file contract, and the launcher that monitors a LoRA trainer's run.
 
-The launcher imports the user's sd-scripts checkout, subclasses its trainer (NetworkTrainer, or
-SdxlNetworkTrainer and the like) and overrides two hooks:
+The launcher imports the user's sd-scripts checkout and the trainer script of the model family
+(train_network.py, sdxl_train_network.py, sd3_train_network.py, flux_train_network.py,
+lumina_train_network.py: kohya_names.KOHYA_TRAINERS), subclasses its most-derived trainer class
+(NetworkTrainer, SdxlNetworkTrainer, Sd3NetworkTrainer, FluxNetworkTrainer, LuminaNetworkTrainer)
+and overrides two hooks, whose arguments pass through as given (each family names them differently:
+vae/ae, tokenizers/tokenizer, unet/mmdit/flux/lumina; they are found by position or name):
   - post_process_network: remembers the network object (for its set_multiplier and save_weights);
   - sample_images: lets kohya render its samples as usual, then reads the PNGs it wrote for the
     epoch, scores them through a LoraMonitor, copies the best epoch's checkpoint to best/ and, when
     the policy says so, ends training (kohya has no stop flag, so a private exception leaves its
     loop after the trackers are finished; the launcher catches it and exits 0).
 Nothing of sd-scripts is copied here: we call its own functions (setup_parser, the checkpoint
-names, prepare_dtype) and follow the file names it writes:
+names, prepare_dtype) and follow the file names it writes (the same for every family: all keep
+train_network.NetworkTrainer's training loop and its sampler's file names):
     <output_dir>/sample/<output_name>_e<epoch:06d>_<prompt:02d>_<YYYYmmddHHMMSS>[_<seed>].png
     <output_dir>/<output_name>-<epoch:06d>.safetensors   (the last epoch: <output_name>.safetensors)
 The watcher (kohya_watch.py) shares the file contract defined here.
@@ -32,7 +37,11 @@ import torch
 
 from lora_monitor.export import write_json_atomic
 from lora_monitor.kohya_names import (
+    KOHYA_TRAINERS,
+    KohyaTrainer,
     SampleFile,
+    family_of_script,
+    family_of_trainer_class,
     group_by_epoch,
     last_checkpoint_name,
     list_samples,
@@ -54,8 +63,18 @@ LAUNCHER_STATE = "lora_monitor_kohya_state.json"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 #: What a checkout must hold besides the trainer script the user names.
 CHECKOUT_LAYOUT = ("train_network.py", "library/train_util.py", "networks")
-#: kohya's defaults for what a prompt does not set (library/train_util.py, sample_image_inference).
-KOHYA_PROMPT_DEFAULTS = dict(steps=30, guidance_scale=7.5, width=512, height=512)
+#: kohya's defaults for what a prompt does not set (library/train_util.py, sample_image_inference:
+#: SD and SDXL); each family's are in KOHYA_TRAINERS[family].sample_defaults.
+KOHYA_PROMPT_DEFAULTS = dict(KOHYA_TRAINERS["sd"].sample_defaults)
+#: PreviewSpec.to_dict()'s key names -> kohya's (train_util.line_to_prompt_dict stores --s as "sample_steps",
+#: --l as "scale" (CFG) and --g as "guidance_scale", FLUX's distilled guidance), for the file kohya reads.
+OUR_ENTRY_KEYS = {"steps": "sample_steps", "guidance_scale": "scale", "distilled_guidance": "guidance_scale"}
+
+
+def prompt_defaults(family: str | None) -> dict[str, Any]:
+    """What kohya's sampler of `family` uses for a prompt that does not set it (SD's for an unknown family)."""
+    trainer = KOHYA_TRAINERS.get(family) if family else None
+    return dict(trainer.sample_defaults if trainer else KOHYA_PROMPT_DEFAULTS)
 
 
 def images_in_order(by_index: Mapping[int, SampleFile], count: int, where: str) -> list[torch.Tensor]:
@@ -66,31 +85,53 @@ def images_in_order(by_index: Mapping[int, SampleFile], count: int, where: str) 
     return [read_image(by_index[i].path) for i in indices]
 
 
-def fixed_seed_prompts(source: str | os.PathLike, folder: str | os.PathLike, seed: int = 0) -> tuple[Path, PreviewSpec, list[int]]:
+def _prompt_entries(source: Path) -> tuple[list[Any], bool] | None:
+    """The prompts of a kohya prompt file as kohya's load_prompts sees them (lines, or entries with a
+    .toml's [prompt] defaults merged in), and whether they are PreviewSpec.to_dict() entries (our key
+    names); None when the file does not read (PreviewSpec.load then says why)."""
+    suffix = source.suffix.lower()
+    try:
+        text = source.read_text(encoding="utf-8-sig")
+        if suffix == ".txt":
+            lines = [line.strip() for line in text.splitlines()]
+            return [line for line in lines if line and not line.startswith("#")], False
+        if suffix == ".json":
+            entries = json.loads(text)
+            if isinstance(entries, dict) and set(entries) == {"prompts"}:
+                return list(entries["prompts"]), True
+            return (entries, False) if isinstance(entries, list) else None
+        table = dict(tomllib.loads(text)["prompt"])
+        subsets = table.pop("subset")
+        return [{**table, **subset} for subset in subsets], False
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def fixed_seed_prompts(
+    source: str | os.PathLike, folder: str | os.PathLike, seed: int = 0, *, defaults: Mapping[str, Any] | None = None
+) -> tuple[Path, PreviewSpec, list[int]]:
     """Write `source` (a kohya prompt file) into `folder` with an explicit seed on every prompt.
 
     kohya draws a random seed for a prompt without --d / "seed", which makes epochs incomparable;
     such a prompt gets seed + its index, as PreviewSpec.load gives it. Comment and blank lines are
-    dropped (kohya and we skip them slightly differently). .txt stays .txt; .toml and .json become
-    .json (kohya reads both). Returns the new file, the spec it holds and the indices given a seed.
+    dropped (kohya and we skip them slightly differently). .txt stays .txt, its lines otherwise as
+    they were (--l, --g and every other option kept); .toml and .json become .json (kohya reads
+    both) in kohya's key names (PreviewSpec.to_dict() entries are renamed: steps -> sample_steps,
+    guidance_scale -> scale, distilled_guidance -> guidance_scale). `defaults`: kohya's sampler
+    defaults (prompt_defaults(family)). Returns the new file, the spec it holds and the indices given a seed.
     """
     source = Path(source)
-    spec = PreviewSpec.load(source, seed=seed, **KOHYA_PROMPT_DEFAULTS)
+    defaults = dict(KOHYA_PROMPT_DEFAULTS if defaults is None else defaults)
+    spec = PreviewSpec.load(source, seed=seed, **defaults)
     suffix = source.suffix.lower()
-    changed: list[int] = []
-    if suffix == ".txt":
-        lines = [line.strip() for line in source.read_text(encoding="utf-8-sig").splitlines()]
-        entries: list[Any] = [line for line in lines if line and not line.startswith("#")]
-    elif suffix == ".json":
-        entries = json.loads(source.read_text(encoding="utf-8-sig"))
-        if isinstance(entries, dict):  # PreviewSpec.to_dict() output, in kohya's key names
-            kohya_keys = {"steps": "sample_steps", "guidance_scale": "scale"}
-            entries = [{kohya_keys.get(k, k): v for k, v in e.items()} for e in entries["prompts"]]
-    else:
-        table = dict(tomllib.loads(source.read_text(encoding="utf-8-sig"))["prompt"])
-        subsets = table.pop("subset")
-        entries = [{**table, **subset} for subset in subsets]
+    read = _prompt_entries(source)
+    if read is None:  # pragma: no cover - it loaded just above
+        raise ValueError(f"{source}: cannot read its prompts")
+    entries, ours = read
+    if ours:
+        entries = [{OUR_ENTRY_KEYS.get(k, k): v for k, v in entry.items()} for entry in entries]
     fixed = []
+    changed: list[int] = []
     for index, (entry, prompt) in enumerate(zip(entries, spec.prompts)):
         if isinstance(entry, str):
             options = [part.strip().split(None, 1)[0].lower() for part in entry.split(" --")[1:] if part.strip()]
@@ -112,7 +153,7 @@ def fixed_seed_prompts(source: str | os.PathLike, folder: str | os.PathLike, see
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, target)
-    rewritten = PreviewSpec.load(target, seed=seed, **KOHYA_PROMPT_DEFAULTS)
+    rewritten = PreviewSpec.load(target, seed=seed, **defaults)
     if rewritten.fingerprint() != spec.fingerprint():  # pragma: no cover - a bug of ours, not of the input
         raise RuntimeError(f"rewriting {source} with fixed seeds changed its prompts; please report this")
     return target, spec, changed
@@ -121,31 +162,92 @@ def fixed_seed_prompts(source: str | os.PathLike, folder: str | os.PathLike, see
 # ---------------------------------------------------------------------------------------- the checkout
 @dataclass
 class Checkout:
-    """An imported sd-scripts checkout: the trainer script's module, library.train_util and the trainer class."""
+    """An imported sd-scripts checkout: the trainer script's module, library.train_util, the trainer
+    class and its family (a KOHYA_TRAINERS key; None for a script of no known family)."""
 
     root: Path
     script: str
     module: ModuleType
     train_util: ModuleType
     trainer_class: type
+    family: str | None = None
 
 
-def load_checkout(root: str | os.PathLike, script: str = "train_network.py") -> Checkout:
-    """Import `script` from the sd-scripts checkout at `root` and find its trainer class."""
+def choose_trainer(family: str | None = None, script: str | None = None) -> tuple[str, str | None]:
+    """(script, family) from --family and --script: the family's script; or the script given, whose
+    family is known by its file name (None for another name: found later from its trainer class);
+    neither: train_network.py. A --script of one family given with another --family is an error."""
+    if family is not None and family not in KOHYA_TRAINERS:
+        raise ValueError(f"unknown family {family!r}; the launcher knows {', '.join(KOHYA_TRAINERS)}")
+    if script is None:
+        return KOHYA_TRAINERS[family or "sd"].script, family or "sd"
+    named = family_of_script(script)
+    if family is not None and named is not None and named != family:
+        raise ValueError(f"--script {script} is sd-scripts' {named} trainer, but --family {family} was given: "
+                         f"drop one (--family {family} alone runs {KOHYA_TRAINERS[family].script})")
+    return script, family or named
+
+
+def checkout_commit(root: str | os.PathLike) -> str | None:
+    """The commit a git checkout's HEAD is at, read from its .git files (no git needed); None if unknown."""
+    git = Path(root) / ".git"
+    try:
+        if git.is_file():  # a worktree or submodule: "gitdir: <path>"
+            text = git.read_text(encoding="utf-8").strip()
+            if not text.startswith("gitdir:"):
+                return None
+            git = (Path(root) / text[len("gitdir:"):].strip()).resolve()
+        head = (git / "HEAD").read_text(encoding="utf-8").strip()
+        common = git / (git / "commondir").read_text(encoding="utf-8").strip() if (git / "commondir").is_file() else git
+        if head.startswith("ref:"):
+            ref = head[len("ref:"):].strip()
+            for folder in (git, common):
+                if (folder / ref).is_file():
+                    head = (folder / ref).read_text(encoding="utf-8").strip()
+                    break
+            else:
+                packed = common / "packed-refs"
+                lines = packed.read_text(encoding="utf-8").splitlines() if packed.is_file() else []
+                head = next((line.split()[0] for line in lines if line.endswith(" " + ref)), "")
+    except OSError:
+        return None
+    return head if len(head) == 40 and all(c in "0123456789abcdef" for c in head.lower()) else None
+
+
+def _describe_checkout(root: Path) -> str:
+    commit = checkout_commit(root)
+    return f"{root} (commit {commit[:12]})" if commit else f"{root} (commit unknown: not a git checkout)"
+
+
+def load_checkout(root: str | os.PathLike, script: str = "train_network.py", family: str | None = None) -> Checkout:
+    """Import `script` from the sd-scripts checkout at `root` and find its trainer class.
+
+    `family` (a KOHYA_TRAINERS key) names the class looked for first; without it, the family is that
+    of the script's name or, failing that, of the trainer class (a subclass of FluxNetworkTrainer is flux)."""
     root = Path(root).expanduser().resolve()
     hint = "give --sd-scripts the folder of your kohya-ss/sd-scripts git checkout (the one holding train_network.py)"
     if not root.is_dir():
         raise FileNotFoundError(f"sd-scripts checkout not found: {root} is not a folder; {hint}")
+    family = family or family_of_script(script)
+    trainer: KohyaTrainer | None = KOHYA_TRAINERS.get(family) if family else None
     needed = [script, *[name for name in CHECKOUT_LAYOUT if name != script]]
     missing = [name for name in needed if not (root / name).exists()]
+    if missing == [script] and script != "train_network.py":
+        what = (f"sd-scripts' {trainer.family} LoRA trainer ({trainer.trainer_class}; in sd-scripts since {trainer.since})"
+                if trainer is not None and trainer.script == Path(script).name else "the trainer script given with --script")
+        raise ValueError(
+            f"the sd-scripts checkout {_describe_checkout(root)} has no {script}, {what}; "
+            f"update the checkout (git -C {root} pull) or give another --family / --script"
+        )
     if missing:
         raise ValueError(
             f"{root} is not an sd-scripts checkout of a known layout: looked for {', '.join(needed)}; "
             f"missing: {', '.join(missing)}. {hint[0].upper() + hint[1:]}"
         )
     _forget_other_checkouts(root, Path(script).stem)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))  # sd-scripts imports `library` and `networks` from its own folder
+    if str(root) in sys.path:
+        sys.path.remove(str(root))
+    sys.path.insert(0, str(root))  # sd-scripts imports `library` and `networks` from its own folder: first, before another checkout's
     try:
         module = importlib.import_module(Path(script).stem)
         base = getattr(importlib.import_module("train_network"), "NetworkTrainer", None)
@@ -155,7 +257,8 @@ def load_checkout(root: str | os.PathLike, script: str = "train_network.py") -> 
     if base is None:
         raise ValueError(f"{root / 'train_network.py'} has no class NetworkTrainer: an sd-scripts layout this launcher does not know")
     trainers = [obj for obj in vars(module).values() if inspect.isclass(obj) and issubclass(obj, base)]
-    leaves = [t for t in trainers if not any(other is not t and issubclass(other, t) for other in trainers)]
+    named = [t for t in trainers if trainer is not None and t.__name__ == trainer.trainer_class]
+    leaves = named or [t for t in trainers if not any(other is not t and issubclass(other, t) for other in trainers)]
     if len(leaves) != 1:
         found = ", ".join(t.__name__ for t in leaves) or "none"
         raise ValueError(f"{root / script}: looked for one subclass of train_network.NetworkTrainer, found {found}")
@@ -163,13 +266,14 @@ def load_checkout(root: str | os.PathLike, script: str = "train_network.py") -> 
     missing += [f"library.train_util.{name}" for name in ("get_epoch_ckpt_name", "prepare_dtype", "read_config_from_file") if not hasattr(train_util, name)]
     if missing:
         raise ValueError(f"{root}: an sd-scripts layout this launcher does not know: looked for {', '.join(missing)}")
-    return Checkout(root, script, module, train_util, leaves[0])
+    return Checkout(root, script, module, train_util, leaves[0], family or family_of_trainer_class(leaves[0]))
 
 
 def _forget_other_checkouts(root: Path, stem: str) -> None:
     """Drop sd-scripts modules imported earlier from another folder, so this checkout's are used."""
+    family_stems = [Path(trainer.script).stem for trainer in KOHYA_TRAINERS.values()]  # one family script may import another
     for name in list(sys.modules):
-        if name in (stem, "train_network") or name.split(".")[0] in ("library", "networks"):
+        if name in (stem, "train_network", *family_stems) or name.split(".")[0] in ("library", "networks"):
             file = getattr(sys.modules[name], "__file__", None)
             if file and root not in Path(file).resolve().parents:
                 del sys.modules[name]
@@ -214,7 +318,17 @@ class KohyaSession:
             args.sample_every_n_epochs = 1
             self.say("lora-monitor: no --sample_every_n_epochs given: kohya samples every epoch, and each epoch is scored")
         output_dir = Path(args.output_dir)
-        prompts, spec, changed = fixed_seed_prompts(args.sample_prompts, output_dir, self.preview_seed)
+        family = self.checkout.family
+        prompts, spec, changed = fixed_seed_prompts(args.sample_prompts, output_dir, self.preview_seed, defaults=prompt_defaults(family))
+        trainer = KOHYA_TRAINERS.get(family) if family else None
+        if trainer is not None and trainer.min_seed:
+            low = [i for i, prompt in enumerate(spec.prompts) if prompt.seed < trainer.min_seed]
+            if low:
+                ours = [i for i in low if i in changed]
+                fix = (f"give --preview-seed {trainer.min_seed} or more (prompts without --d get it + their index)" if ours
+                       else f"give those prompts --d {trainer.min_seed} or more")
+                raise ValueError(f"kohya's {trainer.family} sampler ({trainer.sampler}) refuses seeds below {trainer.min_seed}: "
+                                 f"prompt(s) {low} of {args.sample_prompts} would get seed(s) {[spec.prompts[i].seed for i in low]}; {fix}")
         self.say(f"lora-monitor: kohya samples from {prompts} (your {args.sample_prompts} with a seed on every prompt)")
         if changed:
             seeds = ", ".join(f"{i}: {spec.prompts[i].seed}" for i in changed)
@@ -233,14 +347,14 @@ class KohyaSession:
         self.args = args
 
     # -- the hooks
-    def before_samples(self, render: Callable[..., Any], accelerator, args, rest: tuple) -> None:
-        self._before = {s.path for s in list_samples(Path(args.output_dir) / SAMPLE_DIR)}
+    def before_samples(self, call: SampleCall) -> None:
+        self._before = {s.path for s in list_samples(Path(call.args.output_dir) / SAMPLE_DIR)}
         if not self.base_done:
             self.base_done = True
             if self.monitor.accelerator is None:
-                self.monitor.attach(accelerator)
+                self.monitor.attach(call.accelerator)
             if self.monitor.needs_references:
-                self._render_base(render, accelerator, args, rest)
+                self._render_base(call)
 
     def after_samples(self, accelerator, args, epoch: int | None, step: int) -> None:
         if not epoch:  # None: a step sample point; 0: --sample_at_first, before any training
@@ -264,8 +378,11 @@ class KohyaSession:
             raise TrainingStopped(epoch, self.monitor.policy.stop_reason or "the monitor's policy stopped the run")
 
     # -- internals
-    def _render_base(self, render: Callable[..., Any], accelerator, args, rest: tuple) -> None:
-        """kohya renders the same prompts and seeds with the network's multiplier at 0 (the base model)."""
+    def _render_base(self, call: SampleCall) -> None:
+        """kohya renders the same prompts and seeds with the network's multiplier at 0 (the base model):
+        the trainer's own sample_images, called again with the arguments it was given, but args
+        (output_dir under BASE_DIR, sample_at_first), epoch and step set for a step-0 sample."""
+        accelerator, args = call.accelerator, call.args
         base_args = copy.copy(args)
         base_args.output_dir = str(Path(args.output_dir) / BASE_DIR)
         base_args.sample_at_first = True
@@ -285,7 +402,7 @@ class KohyaSession:
         if has_multiplier:
             network.set_multiplier(0.0)
         try:
-            render(accelerator, base_args, 0, 0, *rest)
+            call.again(base_args, 0, 0)
         finally:
             if has_multiplier:
                 network.set_multiplier(previous)
@@ -327,21 +444,79 @@ class KohyaSession:
         self.network.save_weights(str(folder / name), save_dtype, metadata)
 
 
+#: The leading parameters of every trainer's sample_images, by position (their names as in train_network.py).
+SAMPLE_IMAGES_HEAD = ("accelerator", "args", "epoch", "global_step")
+
+
+def _positional_names(method: Callable[..., Any]) -> list[str]:
+    """The names of a callable's leading positional parameters (up to a *args or keyword-only one)."""
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a builtin or C callable
+        return []
+    names: list[str] = []
+    for parameter in parameters:
+        if parameter.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(parameter.name)
+    return names
+
+
+class SampleCall:
+    """One call of a trainer's sample_images, as kohya made it: its accelerator, args, epoch and step
+    found by position or, when passed by keyword, by the names in that trainer's own signature
+    (every sd-scripts trainer has them first: (accelerator, args, epoch, global_step, device, vae|ae,
+    tokenizer(s), text_encoder, unet|mmdit|flux|lumina)); `again` calls it anew with other args,
+    epoch and step and the rest as given."""
+
+    def __init__(self, method: Callable[..., Any], arguments: tuple, keywords: Mapping[str, Any]) -> None:
+        self.method = method
+        self.arguments = tuple(arguments)
+        self.keywords = dict(keywords)
+        names = _positional_names(method)
+        self.names = [names[i] if i < len(names) else None for i in range(len(SAMPLE_IMAGES_HEAD))]
+        values = []
+        for position, (name, meaning) in enumerate(zip(self.names, SAMPLE_IMAGES_HEAD)):
+            if position < len(self.arguments):
+                values.append(self.arguments[position])
+            elif name is not None and name in self.keywords:
+                values.append(self.keywords[name])
+            else:
+                where = getattr(method, "__qualname__", repr(method))
+                raise TypeError(f"{where} was called without its {meaning} argument (parameter {position + 1}, "
+                                f"{name or 'unnamed'}): not a call the kohya launcher knows")
+        self.accelerator, self.args, self.epoch, self.step = values
+
+    def again(self, args: Any, epoch: int | None, step: int) -> Any:
+        arguments, keywords = list(self.arguments), dict(self.keywords)
+        for position, value in ((1, args), (2, epoch), (3, step)):
+            if position < len(arguments):
+                arguments[position] = value
+            else:
+                keywords[self.names[position]] = value
+        return self.method(*arguments, **keywords)
+
+
 def monitored_trainer_class(base: type, session: KohyaSession) -> type:
-    """A subclass of kohya's trainer whose hooks feed `session`. Hook arguments pass through by
-    position: their names differ between sd-scripts versions (tokenizer / tokenizers)."""
+    """A subclass of kohya's trainer whose hooks feed `session`. Hook arguments pass through as given;
+    the ones the session needs are found by position or, passed by keyword, by the names in the
+    trainer's own signature (they differ between families and sd-scripts versions)."""
 
     class MonitoredTrainer(base):  # type: ignore[misc, valid-type]
         def post_process_network(self, *arguments, **keywords):
-            result = super().post_process_network(*arguments, **keywords)
-            session.network = arguments[2] if len(arguments) > 2 else keywords.get("network")
+            method = super().post_process_network
+            result = method(*arguments, **keywords)
+            names = _positional_names(method)  # (args, accelerator, network, text_encoders, unet)
+            name = names[2] if len(names) > 2 else "network"
+            session.network = arguments[2] if len(arguments) > 2 else keywords.get(name)
             return result
 
-        def sample_images(self, accelerator, args, epoch, global_step, *rest):
-            render = super().sample_images
-            session.before_samples(render, accelerator, args, rest)
-            render(accelerator, args, epoch, global_step, *rest)
-            session.after_samples(accelerator, args, epoch, global_step)
+        def sample_images(self, *arguments, **keywords):
+            call = SampleCall(super().sample_images, arguments, keywords)
+            session.before_samples(call)
+            result = call.method(*arguments, **keywords)
+            session.after_samples(call.accelerator, call.args, call.epoch, call.step)
+            return result
 
     MonitoredTrainer.__name__ = MonitoredTrainer.__qualname__ = f"Monitored{base.__name__}"
     return MonitoredTrainer
@@ -351,14 +526,22 @@ def launch(
     sd_scripts: str | os.PathLike,
     trainer_args: list[str],
     *,
-    script: str = "train_network.py",
+    script: str | None = None,
+    family: str | None = None,
     monitor_options: Mapping[str, Any] | None = None,
-    preview_seed: int = 0,
+    preview_seed: int | None = None,
     say: Callable[[str], None] = print,
 ) -> int:
-    """Run `script` of the checkout with `trainer_args`, as its own __main__ would, with the monitor attached.
+    """Run the trainer script of the checkout with `trainer_args`, as its own __main__ would, with the
+    monitor attached. `family` (a KOHYA_TRAINERS key: sd, sdxl, sd3, flux, lumina) picks the script;
+    `script` names one explicitly (its family is known by its name or its trainer class); neither:
+    train_network.py. `preview_seed` None: the smallest seed the family's sampler takes (0; Lumina: 1).
     Returns 0 after a full run or an early stop by the policy."""
-    checkout = load_checkout(sd_scripts, script)
+    script, family = choose_trainer(family, script)
+    checkout = load_checkout(sd_scripts, script, family)
+    if preview_seed is None:
+        trainer_info = KOHYA_TRAINERS.get(checkout.family) if checkout.family else None
+        preview_seed = trainer_info.min_seed if trainer_info else 0
     parser = checkout.module.setup_parser()
     saved_argv = sys.argv
     sys.argv = [str(checkout.root / script), *trainer_args]  # sd-scripts inspects the command line
@@ -371,7 +554,8 @@ def launch(
         session = KohyaSession(checkout, monitor_options or {}, preview_seed=preview_seed, say=say)
         session.prepare(args)
         trainer = monitored_trainer_class(checkout.trainer_class, session)()
-        say(f"lora-monitor: training with {checkout.root / script} ({checkout.trainer_class.__name__})")
+        family_text = f"family {checkout.family}" if checkout.family else "family unknown: kohya's SD sampler defaults assumed for the prompts"
+        say(f"lora-monitor: training with {checkout.root / script} ({checkout.trainer_class.__name__}, {family_text})")
         try:
             trainer.train(args)
         except TrainingStopped as stop:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lora_monitor.kohya_names import KOHYA_TRAINERS
 from lora_monitor.policy import parse_bound
 
-KOHYA_HELP = "run kohya-ss sd-scripts' train_network.py with the monitor attached"
+KOHYA_HELP = "run kohya-ss sd-scripts' LoRA trainer (SD, SDXL, SD3, FLUX.1, Lumina) with the monitor attached"
 KOHYA_DESCRIPTION = """\
 Run sd-scripts' LoRA trainer from your checkout with the monitor attached: kohya renders its
 samples from your --sample_prompts as usual; each epoch's samples are scored (against base renders
@@ -18,6 +19,10 @@ file is copied at once to <output_dir>/best/ (before --save_last_n_epochs can de
 go to kohya's trackers (--log_with) and <output_dir>/scores.jsonl, and the run stops early, with
 exit code 0, when the policy says so. Prompts without --d get a fixed seed (the prompt file
 kohya reads is rewritten into <output_dir>/lora_monitor_prompts.txt|.json).
+--family picks sd-scripts' trainer script: sd train_network.py (the default), sdxl
+sdxl_train_network.py, sd3 sd3_train_network.py, flux flux_train_network.py, lumina
+lumina_train_network.py; --script names another (its family is known by its name or its trainer
+class). Prompt options --l (CFG scale) and --g (FLUX's distilled guidance) reach kohya as written.
 Everything after `--` goes to the trainer unchanged."""
 KOHYA_EPILOG = """\
 example:
@@ -25,6 +30,11 @@ example:
       --pretrained_model_name_or_path model.safetensors --train_data_dir data --output_dir out \\
       --output_name mylora --network_module networks.lora --max_train_epochs 10 \\
       --save_every_n_epochs 1 --sample_prompts prompts.txt --sample_every_n_epochs 1
+  lora-monitor kohya --sd-scripts ~/sd-scripts --family flux --metrics ssim --patience 2 -- \\
+      --pretrained_model_name_or_path flux1-dev.safetensors --clip_l clip_l.safetensors \\
+      --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors --network_module networks.lora_flux \\
+      --train_data_dir data --output_dir out --output_name myflux --max_train_epochs 10 \\
+      --save_every_n_epochs 1 --sample_prompts prompts.txt   # prompt lines like: a cat --g 3.5 --l 1.0
 """
 
 WATCH_HELP = "follow a kohya output folder (any run, e.g. from the kohya_ss GUI) and score its samples"
@@ -37,7 +47,7 @@ stop it yourself). Restarting the watcher continues where it was. Base reference
 from --base, or the run's --sample_at_first samples (epoch 0)."""
 
 
-def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
+def add_monitor_arguments(parser: argparse.ArgumentParser, preview_seed_default: str = "0") -> None:
     group = parser.add_argument_group("monitor")
     group.add_argument("--metrics", nargs="+", default=["brisque", "ssim"], help="scorers to run, space- or comma-separated (default: brisque ssim)")
     group.add_argument("--metric", default=None, help="the metric that picks the best epoch (default: the first of --metrics)")
@@ -47,7 +57,7 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bound", action="append", default=[], metavar="METRIC=LO:HI",
                        help="an epoch is eligible only if METRIC lies in [LO, HI] (either side may be empty), e.g. ssim=0.3:")
     group.add_argument("--top-k", type=int, default=1, help="also keep the k best epochs under top_k/ (default: 1, best/ only)")
-    group.add_argument("--preview-seed", type=int, default=0, help="prompt i without a seed gets this + i (default: 0)")
+    group.add_argument("--preview-seed", type=int, default=0, help=f"prompt i without a seed gets this + i (default: {preview_seed_default})")
 
 
 def monitor_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,9 +83,14 @@ def register(subparsers) -> None:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     kohya.add_argument("--sd-scripts", required=True, metavar="PATH", help="your kohya-ss/sd-scripts checkout")
     which = kohya.add_mutually_exclusive_group()
-    which.add_argument("--script", default=None, help="the trainer script in the checkout (default: train_network.py)")
-    which.add_argument("--sdxl", action="store_true", help="SDXL: same as --script sdxl_train_network.py")
-    add_monitor_arguments(kohya)
+    which.add_argument("--family", choices=tuple(KOHYA_TRAINERS), default=None,
+                       help="the model family, which picks the trainer script: "
+                            + ", ".join(f"{t.family} {t.script}" for t in KOHYA_TRAINERS.values()) + " (default: sd, or --script's)")
+    which.add_argument("--sdxl", action="store_true", help="SDXL: same as --family sdxl")
+    kohya.add_argument("--script", default=None,
+                       help="a trainer script of the checkout, overriding the family's (its family is known by its name or its trainer class)")
+    add_monitor_arguments(kohya, preview_seed_default="0; 1 for lumina, whose sampler refuses seed 0")
+    kohya.set_defaults(preview_seed=None)
     kohya.add_argument("trainer_args", nargs=argparse.REMAINDER, metavar="-- TRAINER_ARGS", help="arguments of the trainer script")
     kohya.set_defaults(func=run_kohya)
 
@@ -101,8 +116,9 @@ def run_kohya(args: argparse.Namespace) -> int:
         trainer_args = trainer_args[1:]
     if not trainer_args:
         raise ValueError("no trainer arguments: put them after `--`, e.g. lora-monitor kohya --sd-scripts PATH -- --output_dir out ...")
-    script = "sdxl_train_network.py" if args.sdxl else (args.script or "train_network.py")
-    return launch(args.sd_scripts, trainer_args, script=script, monitor_options=monitor_options(args), preview_seed=args.preview_seed)
+    family = "sdxl" if args.sdxl else args.family
+    return launch(args.sd_scripts, trainer_args, script=args.script, family=family, monitor_options=monitor_options(args),
+                  preview_seed=args.preview_seed)
 
 
 def run_watch(args: argparse.Namespace) -> int:

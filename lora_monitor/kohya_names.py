@@ -68,3 +68,63 @@ def epoch_checkpoint_name(output_name: str | None, epoch: int, suffix: str = ".s
 def last_checkpoint_name(output_name: str | None, suffix: str = ".safetensors") -> str:
     """kohya's name for the network saved after the last epoch (output name "last" when none is given)."""
     return f"{output_name or 'last'}{suffix}"
+
+
+# ------------------------------------------------------------------------------------ the trainers
+@dataclass(frozen=True)
+class KohyaTrainer:
+    """One of sd-scripts' LoRA trainer scripts: its file, its NetworkTrainer subclass and its sampler's defaults.
+
+    `family` is the launcher's --family name; `model_family` the lora_monitor.families name of the
+    same architecture. `sample_defaults` are what kohya's sampler uses for a prompt that does not set
+    them (PreviewSpec.load keywords), read from the sampler named by `sampler`. `since` is the first
+    sd-scripts release holding the script. `min_seed` is the smallest seed kohya's sampler accepts.
+    """
+
+    family: str
+    script: str
+    trainer_class: str
+    model_family: str
+    sampler: str
+    sample_defaults: dict[str, Any]
+    since: str
+    min_seed: int = 0
+
+
+#: The trainers the launcher knows, by --family name. All subclass train_network.NetworkTrainer,
+#: keep its training loop (so its checkpoint names) and override
+#: sample_images(self, accelerator, args, epoch, global_step, device, vae|ae, tokenizer(s), text_encoder, unet|mmdit|flux|lumina).
+KOHYA_TRAINERS: dict[str, KohyaTrainer] = {
+    trainer.family: trainer
+    for trainer in (
+        KohyaTrainer("sd", "train_network.py", "NetworkTrainer", "sd", "library/train_util.py sample_image_inference",
+                     dict(steps=30, guidance_scale=7.5, width=512, height=512), "v0.2.0"),
+        KohyaTrainer("sdxl", "sdxl_train_network.py", "SdxlNetworkTrainer", "sdxl", "library/train_util.py sample_image_inference",
+                     dict(steps=30, guidance_scale=7.5, width=512, height=512), "v0.7.0"),
+        KohyaTrainer("sd3", "sd3_train_network.py", "Sd3NetworkTrainer", "sd3", "library/sd3_train_utils.py sample_image_inference",
+                     dict(steps=30, guidance_scale=7.5, width=512, height=512), "v0.10.0"),
+        # FLUX.1: --l is a true CFG scale (1.0: none), --g the distilled guidance (3.5 when not given)
+        KohyaTrainer("flux", "flux_train_network.py", "FluxNetworkTrainer", "flux", "library/flux_train_utils.py sample_image_inference",
+                     dict(steps=20, guidance_scale=1.0, width=512, height=512), "v0.10.0"),
+        # Lumina Image 2.0: its sampler asserts seed > 0
+        KohyaTrainer("lumina", "lumina_train_network.py", "LuminaNetworkTrainer", "lumina2", "library/lumina_train_util.py sample_image_inference",
+                     dict(steps=36, guidance_scale=3.5, width=1024, height=1024), "v0.10.0", min_seed=1),
+    )
+}
+
+
+def family_of_script(script: str | os.PathLike) -> str | None:
+    """The --family whose trainer script has this file name; None for any other script."""
+    name = Path(script).name
+    return next((t.family for t in KOHYA_TRAINERS.values() if t.script == name), None)
+
+
+def family_of_trainer_class(cls: type) -> str | None:
+    """The --family of a trainer class: that of the nearest class in its MRO named like one of KOHYA_TRAINERS'.
+    NetworkTrainer itself counts only for itself: every trainer derives from it (sd-scripts' other
+    trainers, e.g. HunyuanImageNetworkTrainer or AnimaNetworkTrainer, are of no family here)."""
+    by_class = {t.trainer_class: t.family for t in KOHYA_TRAINERS.values()}
+    base = KOHYA_TRAINERS["sd"].trainer_class
+    if cls.__name__ == base:
+        return "sd"
+    return next((by_class[c.__name__] for c in cls.__mro__ if c.__name__ in by_class and c.__name__ != base), None)

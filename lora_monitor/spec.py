@@ -58,9 +58,9 @@ _TXT_IGNORED: dict[str, str] = {
     "fs": "flow shift (SD3/FLUX)",
 }
 
-# Keys of a .json entry or a .toml [prompt] table / [[prompt.subset]] entry -> PreviewPrompt
-# field. kohya spells the steps `sample_steps` and the CFG scale `scale`; our own field names are
-# accepted too, so `PreviewSpec.to_dict()["prompts"]` entries load as they are.
+# Keys of a kohya .json entry or .toml [prompt] table / [[prompt.subset]] entry -> PreviewPrompt
+# field. kohya spells the steps `sample_steps`, the CFG scale `scale` and FLUX's distilled guidance
+# `guidance_scale` (its --g; library/train_util.py line_to_prompt_dict); `steps` is accepted too.
 _ENTRY_KEYS: dict[str, str] = {
     "prompt": "prompt",
     "negative_prompt": "negative_prompt",
@@ -70,9 +70,10 @@ _ENTRY_KEYS: dict[str, str] = {
     "sample_steps": "steps",
     "steps": "steps",
     "scale": "guidance_scale",
-    "guidance_scale": "guidance_scale",
-    "distilled_guidance": "distilled_guidance",
+    "guidance_scale": "distilled_guidance",
 }
+
+# Our own format, `PreviewSpec.to_dict()` output (`{"prompts": [...]}`), uses PreviewPrompt's field names.
 
 # kohya entry keys we accept and ignore (one warning per key per file). `enum` is the index kohya
 # itself adds to each loaded prompt.
@@ -276,9 +277,9 @@ class PreviewSpec:
           --g distilled guidance (FLUX). kohya's --ss, --cn, --ctr, --rcfg and --fs are
           accepted and ignored with one warning each. Anything else is a ValueError naming file, line and option.
         - .json: a list whose items are kohya prompt lines (strings, parsed as above) or
-          objects with keys prompt, negative_prompt, width, height, seed, sample_steps (or
-          steps), scale (or guidance_scale) and distilled_guidance; `PreviewSpec.to_dict()`
-          output is read too.
+          objects with kohya's keys prompt, negative_prompt, width, height, seed, sample_steps
+          (or steps), scale (CFG) and guidance_scale (FLUX's distilled guidance, as kohya reads
+          it); `PreviewSpec.to_dict()` output ({"prompts": [...]}, our field names) is read too.
         - .toml: kohya's layout, a [prompt] table whose keys are defaults for its
           [[prompt.subset]] entries (same keys as .json); an entry may override a default.
 
@@ -432,8 +433,10 @@ def _parse_json(path: Path, text: str, seed: int, defaults: dict[str, Any]) -> l
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: invalid JSON in preview prompt file: {error.msg}") from None
+    keys = _ENTRY_KEYS
     if isinstance(data, Mapping) and set(data) == {"prompts"}:
-        data = data["prompts"]  # PreviewSpec.to_dict() output
+        data = data["prompts"]  # PreviewSpec.to_dict() output: our field names
+        keys = {field.name: field.name for field in dataclasses.fields(PreviewPrompt)}
     if not isinstance(data, list):
         raise ValueError(
             f"{path}: a JSON preview prompt file must hold a list of prompt objects or kohya prompt "
@@ -447,7 +450,7 @@ def _parse_json(path: Path, text: str, seed: int, defaults: dict[str, Any]) -> l
         if isinstance(entry, str):
             fields = _parse_prompt_line(entry.strip(), where, warn_line)
         else:
-            fields = _entry_fields(entry, where, warn_key)
+            fields = _entry_fields(entry, where, warn_key, keys)
         prompts.append(_build(fields, where, seed + index, defaults))
     return prompts
 
@@ -477,8 +480,8 @@ def _parse_toml(path: Path, text: str, seed: int, defaults: dict[str, Any]) -> l
     return prompts
 
 
-def _entry_fields(entry: Any, where: str, warn: _IgnoredWarner) -> dict[str, Any]:
-    """A .json/.toml prompt entry -> PreviewPrompt fields; unknown keys are an error."""
+def _entry_fields(entry: Any, where: str, warn: _IgnoredWarner, keys: Mapping[str, str] = _ENTRY_KEYS) -> dict[str, Any]:
+    """A .json/.toml prompt entry -> PreviewPrompt fields by `keys` (kohya's, or ours); unknown keys are an error."""
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where}: expected an object with a 'prompt' key, got {type(entry).__name__}")
     fields: dict[str, Any] = {}
@@ -487,10 +490,10 @@ def _entry_fields(entry: Any, where: str, warn: _IgnoredWarner) -> dict[str, Any
         if key in _ENTRY_IGNORED:
             warn(repr(key), _ENTRY_IGNORED[key], where)
             continue
-        if key not in _ENTRY_KEYS:
-            allowed = sorted([*_ENTRY_KEYS, *_ENTRY_IGNORED])
+        if key not in keys:
+            allowed = sorted([*keys, *_ENTRY_IGNORED])
             raise ValueError(f"{where}: unknown key {key!r}; allowed keys: {allowed}")
-        field = _ENTRY_KEYS[key]
+        field = keys[key]
         if field in fields and fields[field] != value:
             raise ValueError(
                 f"{where}: {source[field]!r} = {fields[field]!r} and {key!r} = {value!r} both set {field}; give one"

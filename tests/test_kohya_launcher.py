@@ -1,229 +1,31 @@
 """The kohya launcher against sd-scripts' file contract, with a fake minimal sd-scripts checkout.
 
-The fake checkout is written by the test: a train_network.py whose NetworkTrainer calls the hooks in
-kohya's order (post_process_network; sample_images at step 0, at every step, and at each epoch end
-after the checkpoint save and rotation; the final file after the loop) and writes files under
-kohya's names, rendering samples with our tiny pipeline. Its "training" sets the LoRA to a scripted
-size each epoch (--fake_schedule), so which epoch is best is known in advance.
+The fake checkout (kohya_fake.py) is written by the test: train_network.py and the family scripts
+(sdxl_, sd3_, flux_, lumina_train_network.py) whose trainers call the hooks in kohya's order, with
+sd-scripts' own sample_images signatures, and write files under kohya's names, rendering samples
+with our tiny pipeline of each family. Its "training" sets the LoRA to a scripted size each epoch
+(--fake_schedule), so which epoch is best is known in advance.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from kohya_fake import FAMILY_SCRIPTS, write_fake_checkout
 from lora_monitor import kohya_names
 from lora_monitor.export import read_sidecar
 from lora_monitor.integrations import kohya, kohya_commands
 from lora_monitor.record import read_scores
 
 
-TRAIN_UTIL = '''
-import os
-import time
-
-import torch
-
-EPOCH_FILE_NAME = "{}-{:06d}"
-
-
-def get_epoch_ckpt_name(args, ext, epoch_no):
-    return EPOCH_FILE_NAME.format(args.output_name or "epoch", epoch_no) + ext
-
-
-def get_last_ckpt_name(args, ext):
-    return (args.output_name or "last") + ext
-
-
-def get_remove_epoch_no(args, epoch_no):
-    if args.save_last_n_epochs is None:
-        return None
-    number = epoch_no - args.save_every_n_epochs * args.save_last_n_epochs
-    return number if number >= 0 else None
-
-
-def prepare_dtype(args):
-    return torch.float32, None
-
-
-def verify_command_line_training_args(args):
-    pass
-
-
-def read_config_from_file(args, parser):
-    return args
-
-
-def load_prompts(path):
-    lines = [line.strip() for line in open(path, encoding="utf-8") if line.strip() and line[0] != "#"]
-    prompts = []
-    for line in lines:
-        parts = line.split(" --")
-        prompt = {"prompt": parts[0]}
-        for part in parts[1:]:
-            key, value = part.split(None, 1)
-            prompt[{"d": "seed", "w": "width", "h": "height", "s": "sample_steps", "l": "scale"}[key]] = float(value) if key == "l" else int(value)
-        prompts.append(prompt)
-    return prompts
-
-
-def sample_images(accelerator, args, epoch, steps, device, vae, tokenizer, text_encoder, unet):
-    if steps == 0:
-        if not args.sample_at_first:
-            return
-    else:
-        if args.sample_every_n_epochs is None and args.sample_every_n_steps is None:
-            return
-        if args.sample_every_n_epochs is not None:
-            if epoch is None or epoch % args.sample_every_n_epochs != 0:
-                return
-        elif steps % args.sample_every_n_steps != 0 or epoch is not None:
-            return
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    save_dir = args.output_dir + "/sample"
-    os.makedirs(save_dir, exist_ok=True)
-    for i, prompt in enumerate(load_prompts(args.sample_prompts)):
-        seed = prompt.get("seed")
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        image = pipe(prompt["prompt"], num_inference_steps=prompt.get("sample_steps", 30), guidance_scale=prompt.get("scale", 7.5),
-                     width=prompt.get("width", 512), height=prompt.get("height", 512), generator=generator).images[0]
-        number = f"e{epoch:06d}" if epoch is not None else f"{steps:06d}"
-        name = f"{'' if args.output_name is None else args.output_name + '_'}{number}_{i:02d}_{time.strftime('%Y%m%d%H%M%S')}{'' if seed is None else '_' + str(seed)}.png"
-        image.save(os.path.join(save_dir, name))
-'''
-
-TRAIN_NETWORK = '''
-import argparse
-import math
-import os
-
-import torch
-from accelerate import Accelerator
-
-from library import train_util
-
-
-class FakeNetwork:
-    """Stands for kohya's LoRANetwork: set_multiplier and save_weights over a peft LoRA."""
-
-    def __init__(self, unet):
-        self.unet = unet
-        self.multiplier = 1.0
-
-    def set_multiplier(self, multiplier):
-        self.multiplier = multiplier
-        (self.unet.disable_lora if multiplier == 0 else self.unet.enable_lora)()
-
-    def save_weights(self, file, dtype, metadata):
-        from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
-        save_file(state, file, metadata={k: str(v) for k, v in (metadata or {}).items()})
-
-
-class NetworkTrainer:
-    def post_process_network(self, args, accelerator, network, text_encoders, unet):
-        pass
-
-    def sample_images(self, accelerator, args, epoch, global_step, device, vae, tokenizers, text_encoder, unet):
-        train_util.sample_images(accelerator, args, epoch, global_step, device, vae, tokenizers[0], text_encoder, unet)
-
-    def train(self, args):
-        from diffusers import StableDiffusionPipeline
-        from peft import LoraConfig
-
-        accelerator = Accelerator(log_with=args.log_with, project_dir=args.logging_dir)
-        if args.log_with:
-            accelerator.init_trackers("network_train")
-        pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False)
-        unet = pipe.unet
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # lora_B = 0
-        network = FakeNetwork(unet)
-        self.post_process_network(args, accelerator, network, [pipe.text_encoder], unet)
-        tokenizers = [pipe.tokenizer]
-        steps_per_epoch = 2
-        if args.max_train_epochs is not None:
-            args.max_train_steps = args.max_train_epochs * steps_per_epoch
-        num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-        schedule = [float(x) for x in args.fake_schedule.split(",")]
-        global_step = 0
-        hooks = (accelerator.device, pipe.vae, tokenizers, pipe.text_encoder, unet)
-        self.sample_images(accelerator, args, 0, global_step, *hooks)
-        for epoch in range(num_train_epochs):
-            for step in range(steps_per_epoch):
-                generator = torch.Generator().manual_seed(epoch)
-                with torch.no_grad():
-                    for name, parameter in unet.named_parameters():
-                        if "lora_B" in name:
-                            parameter.copy_(torch.randn(parameter.shape, generator=generator) * schedule[min(epoch, len(schedule) - 1)])
-                global_step += 1
-                self.sample_images(accelerator, args, None, global_step, *hooks)
-                if global_step >= args.max_train_steps:
-                    break
-            accelerator.wait_for_everyone()
-            if args.save_every_n_epochs is not None:
-                if (epoch + 1) % args.save_every_n_epochs == 0 and (epoch + 1) < num_train_epochs:
-                    name = train_util.get_epoch_ckpt_name(args, "." + args.save_model_as, epoch + 1)
-                    network.save_weights(os.path.join(args.output_dir, name), None, {"ss_epoch": epoch + 1})
-                    remove = train_util.get_remove_epoch_no(args, epoch + 1)
-                    if remove is not None:
-                        old = os.path.join(args.output_dir, train_util.get_epoch_ckpt_name(args, "." + args.save_model_as, remove))
-                        if os.path.exists(old):
-                            os.remove(old)
-            self.sample_images(accelerator, args, epoch + 1, global_step, *hooks)
-        accelerator.end_training()
-        name = train_util.get_last_ckpt_name(args, "." + args.save_model_as)
-        network.save_weights(os.path.join(args.output_dir, name), None, {"ss_epoch": num_train_epochs})
-
-
-def setup_parser():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--pretrained_model_name_or_path")
-    parser.add_argument("--output_dir")
-    parser.add_argument("--output_name", default=None)
-    parser.add_argument("--save_model_as", default="safetensors")
-    parser.add_argument("--max_train_steps", type=int, default=1600)
-    parser.add_argument("--max_train_epochs", type=int, default=None)
-    parser.add_argument("--save_every_n_epochs", type=int, default=None)
-    parser.add_argument("--save_last_n_epochs", type=int, default=None)
-    parser.add_argument("--sample_prompts", default=None)
-    parser.add_argument("--sample_every_n_epochs", type=int, default=None)
-    parser.add_argument("--sample_every_n_steps", type=int, default=None)
-    parser.add_argument("--sample_at_first", action="store_true")
-    parser.add_argument("--log_with", default=None)
-    parser.add_argument("--logging_dir", default=None)
-    parser.add_argument("--resume", default=None)
-    parser.add_argument("--fake_schedule", default="0.1")
-    return parser
-
-
-if __name__ == "__main__":
-    parser = setup_parser()
-    args = parser.parse_args()
-    NetworkTrainer().train(args)
-'''
-
-
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sd-scripts")
-    (root / "library").mkdir()
-    (root / "library" / "__init__.py").write_text("")
-    (root / "library" / "train_util.py").write_text(textwrap.dedent(TRAIN_UTIL))
-    (root / "networks").mkdir()
-    (root / "train_network.py").write_text(textwrap.dedent(TRAIN_NETWORK))
-    return root
+    return write_fake_checkout(tmp_path_factory.mktemp("sd-scripts"))
 
 
 def run_cli(argv: list[str]) -> int:
@@ -356,3 +158,223 @@ def test_sample_names():
     assert kohya_names.parse_sample_name("my_lora_000100_00_20260216120000_1.png") is None  # a step sample
     assert kohya_names.epoch_checkpoint_name(None, 3) == "epoch-000003.safetensors"
     assert kohya_names.last_checkpoint_name("x", ".ckpt") == "x.ckpt"
+
+
+# ---------------------------------------------------------------------------------------- the families
+def family_param(family: str):
+    """A --family value as a test parameter, skipped (with the reason) where the installed diffusers lacks its pipeline."""
+    import diffusers
+
+    from lora_monitor.tiny import available_tiny_families
+
+    model_family = kohya_names.KOHYA_TRAINERS[family].model_family
+    marks = ()
+    if model_family not in available_tiny_families():
+        from lora_monitor.families import get_family
+
+        reason = f"diffusers {diffusers.__version__} has no {get_family(model_family).pipeline} (the {family} family's pipeline)"
+        marks = pytest.mark.skip(reason=reason)
+    return pytest.param(family, marks=marks, id=family)
+
+
+FAMILIES = ("sdxl", "sd3", "flux", "lumina")
+
+
+@pytest.fixture(scope="module")
+def family_model(tmp_path_factory):
+    """family -> a saved tiny diffusers model of that family (built once per module)."""
+    from lora_monitor.tiny import save_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("family-models")
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            model_family = kohya_names.KOHYA_TRAINERS[family].model_family
+            cache[family] = str(save_tiny_pipeline(folder / model_family, family=model_family))
+        return cache[family]
+
+    return get
+
+
+def sample_log(folder: Path) -> list[dict]:
+    path = folder / "fake_samples.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.parametrize("family", [family_param(f) for f in FAMILIES])
+def test_each_family_end_to_end(checkout, family_model, family, tmp_path, capsys):
+    """Each family's trainer script, picked by --family (SDXL by its --sdxl alias): base renders by kohya's
+    own sampler at multiplier 0, every epoch scored, the best epoch's file copied before the rotation
+    deletes it, and the early stop with exit code 0. FLUX's --g and --l reach kohya's sampler as written."""
+    prompts = tmp_path / "prompts.txt"
+    # 40 px: kohya's samplers draw at least 64 px (FLUX: sides a multiple of 16)
+    options = " --g 4.0 --l 1.0" if family == "flux" else ""
+    prompts.write_text(f"a red circle --w 40 --h 40 --s 2 --d 11{options}\na blue square --w 64 --h 64 --s 2{options}\n", encoding="utf-8")
+    which = ["--sdxl"] if family == "sdxl" else ["--family", family]
+    argv = ["kohya", "--sd-scripts", str(checkout), *which, "--metrics", "ssim", "--patience", "1", "--"]
+    extra = ["--cache_text_encoder_outputs"] if family in ("flux", "sdxl") else []
+    argv += trainer_args(tmp_path, family_model(family), prompts, "--max_train_epochs", "4", "--fake_schedule", "0.05,0.5,1.0,1.0",
+                         "--save_every_n_epochs", "1", "--save_last_n_epochs", "1", *extra)
+    assert run_cli(argv) == 0
+    out = tmp_path / "out"
+    said = capsys.readouterr().out
+    trainer = kohya_names.KOHYA_TRAINERS[family]
+    assert f"training with {checkout / trainer.script} ({trainer.trainer_class}, family {family})" in said
+    assert "stopped early after epoch 2: ssim" in said
+    # Lumina's sampler refuses seed 0: lora-monitor's seeds start at 1 there
+    first = 1 if family == "lumina" else 0
+    assert f"prompts without --d got fixed seeds (1: {first + 1})" in said
+    lines = (out / "lora_monitor_prompts.txt").read_text().splitlines()
+    assert lines == [f"a red circle --w 40 --h 40 --s 2 --d 11{options}", f"a blue square --w 64 --h 64 --s 2{options} --d {first + 1}"]
+    # the base renders: kohya's own sampler, with the network multiplier at 0, then back to 1 for the epochs
+    base_log, log = sample_log(out / kohya.BASE_DIR), sample_log(out)
+    assert [(r["family"], r["epoch"], r["multiplier"]) for r in base_log] == [(family, 0, 0.0)] * 2
+    assert {(r["epoch"], r["multiplier"]) for r in log} == {(1, 1.0), (2, 1.0)}
+    assert all((r["width"], r["height"]) == (64, 64) for r in base_log + log)
+    if family == "flux":  # --g is the distilled guidance, --l the CFG scale (1.0: none); the prompts were encoded before training
+        assert all((r["guidance_scale"], r["scale"], r["cached"]) == (4.0, 1.0, True) for r in base_log + log)
+    assert len(list((out / kohya.BASE_DIR / "sample").glob("mylora_e000000_*.png"))) == 2
+    assert len(list((out / "previews" / "base").glob("*.png"))) == 2
+    # scores; epoch 1 best; its file copied before --save_last_n_epochs 1 removed it; no final file
+    scores = read_scores(out)
+    assert [line["epoch"] for line in scores] == [1, 2]
+    assert scores[0]["is_best"] and scores[-1]["should_stop"]
+    assert 1.0 > scores[0]["aggregates"]["ssim"] > scores[1]["aggregates"]["ssim"]  # the LoRA moved the renders off the base
+    assert not (out / "mylora-000001.safetensors").exists()
+    assert (out / "best" / "mylora-000001.safetensors").is_file()
+    assert read_sidecar(out / "best")["epoch"] == 1
+    assert not (out / "mylora.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", [family_param("flux")])
+def test_flux_json_prompts_keep_distilled_guidance_and_cfg(checkout, family_model, family, tmp_path):
+    """A PreviewSpec.to_dict() file (our key names) is rewritten in kohya's: distilled_guidance -> guidance_scale (--g),
+    guidance_scale -> scale (--l), steps -> sample_steps; kohya's FLUX sampler reads them so."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"prompts": [
+        {"prompt": "a red circle", "seed": 3, "steps": 2, "width": 64, "height": 64, "distilled_guidance": 5.0, "guidance_scale": 1.0},
+        {"prompt": "a blue square", "seed": 4, "steps": 2, "width": 64, "height": 64},
+    ]}))
+    argv = ["kohya", "--sd-scripts", str(checkout), "--family", "flux", "--metrics", "ssim", "--"]
+    argv += trainer_args(tmp_path, family_model("flux"), prompts, "--max_train_epochs", "1")
+    assert run_cli(argv) == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "lora_monitor_prompts.json").read_text()) == [
+        {"prompt": "a red circle", "seed": 3, "sample_steps": 2, "width": 64, "height": 64, "guidance_scale": 5.0, "scale": 1.0},
+        {"prompt": "a blue square", "seed": 4, "sample_steps": 2, "width": 64, "height": 64},
+    ]
+    seen = [(r["seed"], r["guidance_scale"], r["scale"]) for r in sample_log(out / kohya.BASE_DIR) + sample_log(out)]
+    assert seen == [(3, 5.0, 1.0), (4, 3.5, 1.0)] * 2  # kohya's FLUX defaults: --g 3.5, --l 1.0
+    assert [line["epoch"] for line in read_scores(out)] == [1]
+
+
+def test_kohya_json_and_toml_prompts_read_guidance_scale_as_distilled_guidance(tmp_path):
+    """In kohya's .json/.toml entries "scale" is --l (CFG) and "guidance_scale" --g (FLUX's distilled guidance):
+    both in one entry is a valid FLUX prompt, kept as written in the rewritten file."""
+    flux = kohya.prompt_defaults("flux")
+    source = tmp_path / "p.json"
+    entries = [{"prompt": "a", "scale": 1.0, "guidance_scale": 3.0, "sample_steps": 4}, "b --g 2.5 --l 1.5 --d 9"]
+    source.write_text(json.dumps(entries))
+    path, spec, changed = kohya.fixed_seed_prompts(source, tmp_path / "out", seed=20, defaults=flux)
+    assert changed == [0]
+    assert [(p.guidance_scale, p.distilled_guidance, p.steps, p.seed) for p in spec.prompts] == [(1.0, 3.0, 4, 20), (1.5, 2.5, 20, 9)]
+    assert json.loads(path.read_text()) == [{**entries[0], "seed": 20}, entries[1]]
+    toml = tmp_path / "p.toml"
+    toml.write_text('[prompt]\nguidance_scale = 4.0\nwidth = 64\n[[prompt.subset]]\nprompt = "a"\nscale = 2.0\n[[prompt.subset]]\nprompt = "b"\nguidance_scale = 1.0\n')
+    path, spec, changed = kohya.fixed_seed_prompts(toml, tmp_path / "out2", seed=0, defaults=flux)
+    assert [(p.guidance_scale, p.distilled_guidance, p.width) for p in spec.prompts] == [(2.0, 4.0, 64), (1.0, 1.0, 64)]
+    assert json.loads(path.read_text()) == [
+        {"guidance_scale": 4.0, "width": 64, "prompt": "a", "scale": 2.0, "seed": 0},
+        {"guidance_scale": 1.0, "width": 64, "prompt": "b", "seed": 1},
+    ]
+
+
+def test_family_from_script_and_trainer_class(checkout, tmp_path):
+    assert kohya.choose_trainer() == ("train_network.py", "sd")
+    assert kohya.choose_trainer("flux") == ("flux_train_network.py", "flux")
+    assert kohya.choose_trainer(None, "sd3_train_network.py") == ("sd3_train_network.py", "sd3")
+    assert kohya.choose_trainer("flux", "my_flux.py") == ("my_flux.py", "flux")
+    assert kohya.choose_trainer(None, "my_trainer.py") == ("my_trainer.py", None)
+    with pytest.raises(ValueError, match="--script sdxl_train_network.py is sd-scripts' sdxl trainer, but --family flux"):
+        kohya.choose_trainer("flux", "sdxl_train_network.py")
+    # each family script: its class, found by name
+    for script in FAMILY_SCRIPTS:
+        loaded = kohya.load_checkout(checkout, script)
+        trainer = kohya_names.KOHYA_TRAINERS[loaded.family]
+        assert (loaded.trainer_class.__name__, trainer.script) == (trainer.trainer_class, script)
+    # a script of another name: its family is that of the sd-scripts class it derives from
+    (checkout / "my_flux_variant.py").write_text(
+        "import flux_train_network\nfrom flux_train_network import setup_parser\n\n\n"
+        "class MyTrainer(flux_train_network.FluxNetworkTrainer):\n    pass\n"
+    )
+    loaded = kohya.load_checkout(checkout, "my_flux_variant.py")
+    assert (loaded.trainer_class.__name__, loaded.family) == ("MyTrainer", "flux")
+
+
+def test_a_family_whose_script_is_missing_names_the_file_and_the_commit(tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    old = write_fake_checkout(tmp_path / "old-sd-scripts", scripts=("sdxl_train_network.py",), commit=commit)
+    for argv, script, since in ((["--family", "flux"], "flux_train_network.py", "v0.10.0"),
+                                (["--family", "lumina"], "lumina_train_network.py", "v0.10.0"),
+                                (["--script", "sd3_train_network.py"], "sd3_train_network.py", "v0.10.0")):
+        with pytest.raises(ValueError, match=rf"checkout {old} \(commit 0123456789ab\) has no {script}, .*since {since}\); update the checkout"):
+            run_cli(["kohya", "--sd-scripts", str(old), *argv, "--", "--output_dir", str(tmp_path / "x")])
+    assert kohya.checkout_commit(old) == commit
+    (old / ".git" / "HEAD").write_text(commit[::-1] + "\n")  # a detached HEAD
+    assert kohya.checkout_commit(old) == commit[::-1]
+    bare = write_fake_checkout(tmp_path / "no-git", scripts=())
+    with pytest.raises(ValueError, match=r"\(commit unknown: not a git checkout\) has no sdxl_train_network.py"):
+        run_cli(["kohya", "--sd-scripts", str(bare), "--sdxl", "--", "--output_dir", str(tmp_path / "x")])
+
+
+def test_lumina_refuses_seed_zero_before_training(checkout, tmp_path):
+    """kohya's Lumina sampler asserts seed > 0: a --d 0 is an error before any model loads."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --d 0\na dog\n")
+    argv = ["kohya", "--sd-scripts", str(checkout), "--family", "lumina", "--metrics", "ssim", "--"]
+    argv += trainer_args(tmp_path, str(tmp_path / "no-model"), prompts)
+    with pytest.raises(ValueError, match=r"kohya's lumina sampler \(library/lumina_train_util.py .*\) refuses seeds below 1: "
+                                         r"prompt\(s\) \[0\] of .* would get seed\(s\) \[0\]; give those prompts --d 1 or more"):
+        run_cli(argv)
+    prompts.write_text("a cat\n")
+    with pytest.raises(ValueError, match=r"give --preview-seed 1 or more"):
+        run_cli([*argv[:5], "--preview-seed", "0", *argv[5:]])
+    assert not (tmp_path / "out" / "sample").exists()
+
+
+def test_hooks_find_their_arguments_by_position_or_by_the_trainers_own_names():
+    """sample_images' leading arguments are found by position, or by keyword under the trainer's own
+    parameter names; the base render calls it again with args, epoch and step replaced, the rest as given."""
+    calls = []
+
+    class FluxLike:
+        def sample_images(self, accelerator, args, epoch, global_step, device, ae, tokenizer, text_encoder, flux):
+            calls.append((accelerator, args, epoch, global_step, device, ae, tokenizer, text_encoder, flux))
+
+    method = FluxLike().sample_images
+    call = kohya.SampleCall(method, ("acc", "args"), dict(global_step=7, epoch=3, device="cpu", ae="AE", tokenizer="T", text_encoder="TE", flux="F"))
+    assert (call.accelerator, call.args, call.epoch, call.step) == ("acc", "args", 3, 7)
+    call.again("base-args", 0, 0)
+    assert calls[-1] == ("acc", "base-args", 0, 0, "cpu", "AE", "T", "TE", "F")
+    positional = kohya.SampleCall(method, ("acc", "args", None, 5, "cpu", "AE", "T", "TE", "F"), {})
+    assert (positional.epoch, positional.step) == (None, 5)
+    positional.again("b", 0, 0)
+    assert calls[-1] == ("acc", "b", 0, 0, "cpu", "AE", "T", "TE", "F")
+    with pytest.raises(TypeError, match="without its global_step argument"):
+        kohya.SampleCall(method, ("acc", "args", 1), {})
+
+
+def test_a_trainer_of_no_known_family_runs_with_sd_prompt_defaults(checkout):
+    """sd-scripts has trainers the launcher has no family for (hunyuan_image_, anima_train_network.py): --script
+    runs them; deriving from NetworkTrainer does not make them SD."""
+    (checkout / "other_train_network.py").write_text(
+        "import train_network\nfrom train_network import setup_parser\n\n\n"
+        "class OtherNetworkTrainer(train_network.NetworkTrainer):\n"
+        "    def sample_images(self, accelerator, args, epoch, global_step, device, ae, tokenizer, text_encoder, flux):\n"
+        "        pass\n"
+    )
+    loaded = kohya.load_checkout(checkout, "other_train_network.py")
+    assert (loaded.trainer_class.__name__, loaded.family) == ("OtherNetworkTrainer", None)
+    assert kohya.prompt_defaults(loaded.family) == kohya.KOHYA_PROMPT_DEFAULTS
+    assert kohya.load_checkout(checkout).family == "sd"

@@ -182,3 +182,14 @@ def test_waits_when_there_are_no_samples(tmp_path, capsys):
     assert watch(out, prompts).run(interval=0.05, once=True) == 0
     said = capsys.readouterr().out
     assert said.count("no samples yet") == 1 and "no epoch scored yet" in said
+
+
+def test_a_flux_json_prompt_file_reads_as_kohya_reads_it(tmp_path):
+    """kohya's .json entries spell --l "scale" (CFG) and --g "guidance_scale" (FLUX's distilled guidance): a
+    FLUX prompt file setting both loads, each value in its place (the kohya_ss GUI writes such files)."""
+    out, _ = run_dir(tmp_path)
+    prompts = out / "sample" / "prompt.json"
+    prompts.write_text('[{"prompt": "a red circle", "scale": 1.0, "guidance_scale": 3.5, "seed": 11}, "a blue square --g 4 --l 1 --d 12"]')
+    watcher = KohyaWatcher(out, monitor_options={"metrics": ("ssim",), "monitor": "ssim"})
+    assert watcher.prompts == prompts
+    assert [(p.guidance_scale, p.distilled_guidance, p.seed) for p in watcher.spec.prompts] == [(1.0, 3.5, 11), (1.0, 4.0, 12)]

@@ -145,15 +145,25 @@ def test_json_kohya_entries_and_prompt_lines(tmp_path):
     with pytest.warns(UserWarning, match=r"p\.json: entry 3: kohya key 'sample_sampler'"):
         spec = PreviewSpec.load(write(tmp_path, "p.json", json.dumps(data)), seed=10)
     assert spec.prompts[0] == PreviewPrompt("a cat", "blurry", seed=3, steps=30, guidance_scale=5.0, width=768, height=512)
-    assert spec.prompts[1] == PreviewPrompt("a dog", "", seed=11, steps=12, guidance_scale=4.0)
+    # as kohya reads it: "guidance_scale" is FLUX's distilled guidance (--g), "scale" the CFG scale (--l)
+    assert spec.prompts[1] == PreviewPrompt("a dog", "", seed=11, steps=12, distilled_guidance=4.0)
     assert (spec.prompts[2].width, spec.prompts[2].height, spec.prompts[2].seed) == (256, 256, 12)
     assert spec.prompts[3].seed == 13
 
 
 def test_json_reads_to_dict_output(tmp_path):
-    spec = PreviewSpec.from_prompts(["a", "b"], seed=5, width=256)
+    spec = PreviewSpec.from_prompts(["a", "b"], seed=5, width=256, guidance_scale=4.0)
     loaded = PreviewSpec.load(write(tmp_path, "p.json", json.dumps(spec.to_dict())))
-    assert loaded == spec
+    assert loaded == spec and loaded.prompts[0].guidance_scale == 4.0
+
+
+def test_a_kohya_flux_entry_sets_cfg_and_distilled_guidance(tmp_path):
+    data = [{"prompt": "a cat", "scale": 1.0, "guidance_scale": 3.5, "sample_steps": 20}]
+    spec = PreviewSpec.load(write(tmp_path, "p.json", json.dumps(data)))
+    assert (spec.prompts[0].guidance_scale, spec.prompts[0].distilled_guidance) == (1.0, 3.5)
+    toml = '[prompt]\nscale = 1.0\nguidance_scale = 4.0\n[[prompt.subset]]\nprompt = "a dog"\n'
+    spec = PreviewSpec.load(write(tmp_path, "p.toml", toml))
+    assert (spec.prompts[0].guidance_scale, spec.prompts[0].distilled_guidance) == (1.0, 4.0)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +176,7 @@ def test_json_reads_to_dict_output(tmp_path):
         ([{"prompt": "a", "seed": True}], r"p\.json: entry 0: seed must be an integer, got True"),
         ([{"negative_prompt": "x"}], r"p\.json: entry 0: no 'prompt' given"),
         ([{"prompt": ""}], r"p\.json: entry 0: prompt must be a non-empty string"),
-        ([{"prompt": "a", "scale": 5, "guidance_scale": 6}], r"p\.json: entry 0: 'scale' = 5 and 'guidance_scale' = 6"),
+        ([{"prompt": "a", "steps": 5, "sample_steps": 6}], r"p\.json: entry 0: 'steps' = 5 and 'sample_steps' = 6"),
         ([3], r"p\.json: entry 0: expected an object with a 'prompt' key, got int"),
         (["a --x 1"], r"p\.json: entry 0: unknown option --x"),
         ({"prompt": "a"}, r"p\.json: a JSON preview prompt file must hold a list"),
