@@ -1,13 +1,12 @@
 """BRISQUE against the official MATLAB numbers, its batching and devices, inputs, and the model files."""
 from __future__ import annotations
 
-import csv
 import math
 import os
 import pickle
 from pathlib import Path
 
-import numpy as np
+import calibration as calibration_data
 import pytest
 import torch
 import torch.nn.functional as torch_f
@@ -22,7 +21,6 @@ from lora_monitor.scoring.brisque import (
     rgb_to_grey,
 )
 
-CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "calibration"
 
 # Our float64 score for I19. The official MATLAB release gives 72.2617 (pyiqa 66.8405). About
 # 30% of I19's pixels lie in flat regions, where the MSCN coefficients are zero in exact
@@ -32,14 +30,6 @@ CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "calibration"
 # give 74.27, a direct 7x7 sum 64.18, exact zeros 74.43, float32 67.66: the official value
 # depends on MATLAB's summation order and is not reproducible without it.
 I19_OURS = 74.2714
-
-
-def load_rgb(path: Path) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(torch.float64) / 255
 
 
 def pink_noise_image(seed: int = 0, size: int = 128) -> torch.Tensor:
@@ -58,12 +48,9 @@ def pink_noise_image(seed: int = 0, size: int = 128) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def calibration() -> list[dict]:
-    if not (CALIBRATION / "reference.csv").is_file():
-        pytest.skip(f"calibration data not found at {CALIBRATION} (the shared/ folder next to the repository)")
-    with open(CALIBRATION / "reference.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = calibration_data.rows()
     for row in rows:
-        row["tensor"] = load_rgb(CALIBRATION / "brisque" / row["image"])
+        row["tensor"] = calibration_data.load_rgb("brisque", row["image"])
     return rows
 
 

@@ -1,44 +1,20 @@
 """SSIM checked like BRISQUE: Wang's MATLAB SSIM on rgb2gray against the published numbers."""
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 
-import numpy as np
+import calibration
 import pytest
 import torch
 
 from lora_monitor.scoring.functional import ssim
 from lora_monitor.scoring.ssim_reference import ssim_grey_wang
 
-CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "calibration"
-
-
-def load_rgb(path: Path) -> torch.Tensor:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).unsqueeze(0).to(torch.float64) / 255
-
-
-def calibration_rows() -> list[dict]:
-    if not (CALIBRATION / "reference.csv").is_file():
-        return []
-    with open(CALIBRATION / "reference.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-
 @pytest.fixture(scope="module")
 def pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    rows = calibration_rows()
-    if not rows:
-        pytest.skip(f"calibration data not found at {CALIBRATION} (the shared/ folder next to the repository)")
     return {
-        row["image"]: (load_rgb(CALIBRATION / "brisque" / row["image"]),
-                       load_rgb(CALIBRATION / "ssim_ref" / row["image"]), float(row["ssim_official"]))
-        for row in rows
+        row["image"]: (calibration.load_rgb("brisque", row["image"]).unsqueeze(0),
+                       calibration.load_rgb("ssim_ref", row["image"]).unsqueeze(0), float(row["ssim_official"]))
+        for row in calibration.rows()
     }
 
 
