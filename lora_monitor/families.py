@@ -25,6 +25,7 @@ class Family:
 
     Attributes:
         name: the short name users pass as `family=`.
+        title: the name people know the models by (for help texts).
         pipeline: the diffusers pipeline class name.
         denoiser: the pipeline's denoiser attribute, "unet" or "transformer".
         denoiser_classes: denoiser class names that identify the family (detection).
@@ -50,9 +51,12 @@ class Family:
         call_arguments: pipeline call arguments with fixed values (Sana: render at the asked size,
             not at its aspect-ratio bin).
         unet_config_marker: for UNet families, a (config key, value) that tells them apart.
+        single_file_marker: a tensor-name fragment only this family's original single-file
+            checkpoints hold (e.g. SDXL's second text encoder), to tell such a file's family.
     """
 
     name: str
+    title: str
     pipeline: str
     denoiser: str
     denoiser_classes: tuple[str, ...]
@@ -72,6 +76,7 @@ class Family:
     extra_components: Mapping[str, Any] = field(default_factory=dict)
     call_arguments: Mapping[str, Any] = field(default_factory=dict)
     unet_config_marker: tuple[str, Any] | None = None
+    single_file_marker: str | None = None
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -112,6 +117,7 @@ FAMILIES: dict[str, Family] = {
     for family in (
         Family(
             name="sd",
+            title="SD 1.x/2.x",
             pipeline="StableDiffusionPipeline",
             denoiser="unet",
             denoiser_classes=("UNet2DConditionModel",),
@@ -122,6 +128,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="sdxl",
+            title="SDXL",
             pipeline="StableDiffusionXLPipeline",
             denoiser="unet",
             denoiser_classes=("UNet2DConditionModel",),
@@ -131,9 +138,11 @@ FAMILIES: dict[str, Family] = {
             cfg_default=5.0,
             extra_components={"add_watermarker": False},
             unet_config_marker=("addition_embed_type", "text_time"),
+            single_file_marker="conditioner.embedders.1.",
         ),
         Family(
             name="sd3",
+            title="SD3/3.5",
             pipeline="StableDiffusion3Pipeline",
             denoiser="transformer",
             denoiser_classes=("SD3Transformer2DModel",),
@@ -145,9 +154,11 @@ FAMILIES: dict[str, Family] = {
             flow_matching=True,
             latent_patch=2,
             min_diffusers="0.29.0",
+            single_file_marker="joint_blocks.",
         ),
         Family(
             name="flux",
+            title="Flux.1",
             pipeline="FluxPipeline",
             denoiser="transformer",
             denoiser_classes=("FluxTransformer2DModel",),
@@ -163,9 +174,11 @@ FAMILIES: dict[str, Family] = {
             flow_matching=True,
             latent_patch=2,
             min_diffusers="0.30.0",
+            single_file_marker="double_blocks.",
         ),
         Family(
             name="sana",
+            title="Sana",
             pipeline="SanaPipeline",
             denoiser="transformer",
             denoiser_classes=("SanaTransformer2DModel",),
@@ -180,6 +193,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="lumina2",
+            title="Lumina 2",
             pipeline="Lumina2Pipeline",
             denoiser="transformer",
             denoiser_classes=("Lumina2Transformer2DModel",),
@@ -193,6 +207,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="chroma",
+            title="Chroma",
             pipeline="ChromaPipeline",
             denoiser="transformer",
             denoiser_classes=("ChromaTransformer2DModel",),
@@ -208,6 +223,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="qwenimage",
+            title="Qwen-Image",
             pipeline="QwenImagePipeline",
             denoiser="transformer",
             denoiser_classes=("QwenImageTransformer2DModel",),
@@ -285,38 +301,47 @@ def check_components(family: Family, components: Mapping[str, Any]) -> None:
     optional |= {tokenizer for encoder, tokenizer in family.text_encoders if encoder in optional and components.get(encoder) is None}
     missing = [name for name in family.components if components.get(name) is None and name not in optional]
     unexpected = [name for name, module in components.items() if module is not None and name not in family.components]
+    denoiser = components.get(family.denoiser)
+    mismatch = _denoiser_mismatch(family, denoiser) if denoiser is not None else None
     problems = []
     if missing:
         encoders_gone = [name for name in missing if name in family.encoder_names]
         hint = (
             " Build the monitor before the loop deletes its text encoders: it encodes the preview prompts once and lets them go."
-            if encoders_gone
+            if encoders_gone and not mismatch
             else ""
         )
         problems.append(f"missing: {', '.join(missing)}.{hint}")
     if unexpected:
         problems.append(f"not part of a {family.pipeline}: {', '.join(unexpected)} (wrong family=?)")
+    if mismatch:
+        problems.append(mismatch)
     if problems:
         raise ValueError(
             f"the {family.name!r} family ({family.pipeline}) renders with {', '.join(family.components)}; "
             + " ".join(problems)
         )
-    denoiser = components[family.denoiser]
+
+
+def _denoiser_mismatch(family: Family, denoiser: Any) -> str | None:
+    """Why `denoiser` is not this family's (its class, or the config marker of another UNet family), or None."""
     class_names = {cls.__name__ for cls in type(denoiser).__mro__}
     if not class_names & set(family.denoiser_classes):
-        raise ValueError(
+        return (
             f"family={family.name!r} expects a {' or '.join(family.denoiser_classes)} as {family.denoiser}, "
-            f"got {type(denoiser).__name__}; leave family= out to detect it, or pass the right one"
+            f"got {type(denoiser).__name__}; leave family= out to detect it, or pass the right one."
         )
+    config = getattr(denoiser, "config", {})
     if family.unet_config_marker:
         key, value = family.unet_config_marker
-        if denoiser.config.get(key) != value:
-            raise ValueError(f"family={family.name!r} expects a UNet with {key}={value!r} (got {denoiser.config.get(key)!r}); is it an SD 1.x/2.x UNet?")
-    others = [f for f in FAMILIES.values() if f.denoiser == family.denoiser and f is not family and f.unet_config_marker]
-    for other in others:
-        key, value = other.unet_config_marker
-        if denoiser.config.get(key) == value:
-            raise ValueError(f"this UNet has {key}={value!r}: it is an {other.name!r} UNet, not {family.name!r}; pass family={other.name!r}")
+        if config.get(key) != value:
+            return f"family={family.name!r} expects a UNet with {key}={value!r} (got {config.get(key)!r}): it is an 'sd' UNet; pass family='sd'."
+    for other in FAMILIES.values():
+        if other is not family and other.denoiser == family.denoiser and other.unet_config_marker:
+            key, value = other.unet_config_marker
+            if config.get(key) == value:
+                return f"This UNet has {key}={value!r}: it is an {other.name!r} UNet, not {family.name!r}; pass family={other.name!r}."
+    return None
 
 
 def pipeline_arguments(pipeline_class) -> set[str]:

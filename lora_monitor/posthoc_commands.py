@@ -12,9 +12,29 @@ import math
 import sys
 import warnings
 
+from lora_monitor.families import FAMILIES
 from lora_monitor.posthoc import RESIZE_RULE
+from lora_monitor.posthoc.checkpoints import families_help
 
 COMMON_EPILOG = f"""\
+base models (--base): every family of the model-family table, where the installed diffusers has
+its pipeline (an older diffusers is an error naming the release needed):
+{families_help()}
+The family is detected from the pipeline class the base model's model_index.json names (loaded
+with diffusers' DiffusionPipeline). --family NAME forces it (the base then loads with that family's
+pipeline class): for a folder whose pipeline class is none of these, or for a single
+.safetensors/.ckpt file (without --family: guessed from its keys, SD 1.x/2.x unless it looks like
+SDXL, SD3 or Flux). An unknown NAME is an error listing the families. Checkpoints load with the
+pipeline's own load_lora_weights: diffusers-format LoRAs of every family, and kohya-format files
+of SD 1.x/2.x, SDXL and Flux.1 (diffusers converts those; it reads no kohya SD3 files). A strength
+scales the LoRA of the denoiser and of every text encoder the checkpoint carries one for (diffusers'
+LoRA scale). SD 1.x/2.x and SDXL render with ddim unless --sampler says otherwise; the
+flow-matching families (sd3, flux, sana, lumina2, chroma, qwenimage) only with their own scheduler.
+
+step-based runs: a diffusers LoRA folder whose lora_monitor.json says "unit": "step" (the monitor's
+every_n_steps exports, top_k/step-0020) and kohya name-step00000500.safetensors files are keyed by
+step: labels, the table and the report say "step N" (JSON keeps the number in "epoch", with "unit").
+
 policy: the in-training monitor's rule. Candidates are scored in increasing order (epoch, then
 strength); a later one becomes best only if it beats the best so far by more than --min-delta, so
 ties within min_delta go to the earlier epoch / lower strength (--min-delta 0.01 with --metric
@@ -29,24 +49,28 @@ with torch.load(weights_only=True).
 """
 
 EPOCHS_DESCRIPTION = """\
-Which saved epoch is best? With --base, PATH holds LoRA checkpoints (kohya name-000003.safetensors
-files, diffusers LoRA folders with pytorch_lora_weights.safetensors): each is loaded into the base
-model and the --prompts previews are rendered (plus the base model's, the references), scored and
-ranked. Without --base, PATH is a folder of images: kohya samples
-({name}_e000003_00_{timestamp}_{seed}.png; a kohya output dir's sample/ is found; epoch-0 samples
-from --sample_at_first are the references), the older tools' epoch_01.png with control_01.png per
-epoch or one control.png, or any names via --pattern. --references gives a reference image or a
-folder with one per prompt."""
+Which saved epoch (or step) is best? With --base, PATH holds LoRA checkpoints (kohya
+name-000003.safetensors or name-step00000500.safetensors files, diffusers LoRA folders with
+pytorch_lora_weights.safetensors): each is loaded into the base model (SD 1.x/2.x, SDXL, SD3, Flux
+or another family below; --family to force it) and the --prompts previews are rendered (plus the
+base model's, the references), scored and ranked. Without --base, PATH is a folder of images: kohya
+samples ({name}_e000003_00_{timestamp}_{seed}.png; a kohya output dir's sample/ is found; epoch-0
+samples from --sample_at_first are the references), the older tools' epoch_01.png with
+control_01.png per epoch or one control.png, or any names via --pattern. --references gives a
+reference image or a folder with one per prompt."""
 
 STRENGTH_DESCRIPTION = """\
 Which LoRA strength is best? With --base, PATH is one LoRA checkpoint: it is rendered at every
---strengths scale (diffusers' LoRA scale; 0 is the base model, which is also the reference).
+--strengths scale (diffusers' LoRA scale, on the denoiser and every text encoder the LoRA has; 0 is
+the base model, which is also the reference), with a base model of any family below (--family to
+force it).
 Without --base, PATH is a folder of strength_0.5.png images with control_base.png (or
 strength_0.png) as the reference, or names given by --pattern with {strength}."""
 
 GRID_DESCRIPTION = """\
 Which (epoch, strength) pair is best? Every checkpoint in PATH rendered at every --strengths scale
-(with --base), or images named by a --pattern with both {epoch} and {strength}."""
+(with --base: a base model of any family below, --family to force it), or images named by a
+--pattern with both {epoch} and {strength}."""
 
 EXAMPLES = {
     "epochs": """\
@@ -61,6 +85,9 @@ examples:
   lora-monitor strength sweep/                              # strength_0.5.png + control_base.png
   lora-monitor strength output/name-000008.safetensors --base MODEL --prompts prompts.txt \\
       --strengths 0:1.5:0.1 --bound ssim=0:0.95 --report strength-report/
+  lora-monitor strength flux-lora.safetensors --base black-forest-labs/FLUX.1-dev --prompts prompts.txt \\
+      --dtype bfloat16 --strengths 0:1.2:0.2          # family detected: flux
+  lora-monitor strength lora.safetensors --base my-sdxl-folder/ --family sdxl --prompts prompts.txt
 """,
     "grid": """\
 examples:
@@ -91,7 +118,15 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     source.add_argument("paths", nargs="+", metavar="PATH", help="image folder, or (with --base) checkpoint files/folders")
     source.add_argument("--pattern", metavar="TEMPLATE", help="image file names: {epoch}, {strength}, {prompt}, {seed}, * (anything); e.g. 'lora_ep{epoch}_{prompt}.png'")
     source.add_argument("--references", metavar="IMAGE_OR_DIR", help="reference (base model) image for every prompt, or a folder with one per prompt")
-    source.add_argument("--base", metavar="MODEL", help="base model (diffusers folder or hub id, or a single SD1.x/2.x file): render the checkpoints")
+    source.add_argument(
+        "--base", metavar="MODEL",
+        help="base model to render the checkpoints with: a diffusers folder or hub id of any supported family (see 'base models' below), "
+             "or a single .safetensors/.ckpt file",
+    )
+    source.add_argument(
+        "--family", metavar="NAME", type=_family_name,
+        help=f"force the base model's family instead of detecting it from its pipeline class: {', '.join(FAMILIES)} (needs --base)",
+    )
     source.add_argument("--prompts", metavar="FILE", help="preview prompts (kohya .txt with --n --w --h --d --s --l, or .toml/.json); with images, only labels")
     source.add_argument("--prompt", action="append", metavar="TEXT", help="a preview prompt (repeatable), instead of --prompts")
     if kind in ("strength", "grid"):
@@ -104,9 +139,17 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     render = parser.add_argument_group("rendering (with --base)")
     render.add_argument("--steps", type=int, default=20, help="denoising steps for prompts that do not set --s (default: 20)")
     render.add_argument("--size", type=int, default=512, help="width and height for prompts that do not set --w/--h (default: 512)")
-    render.add_argument("--guidance-scale", type=float, default=None, help="CFG scale for prompts without --l (default: the model family's, 7.5 for SD 1.x)")
+    render.add_argument(
+        "--guidance-scale", type=float, default=None,
+        help="CFG scale for prompts without --l (default: the model family's: 7.5 SD 1.x/2.x, 5 SDXL, 7 SD3, 1 = no CFG for Flux, "
+             "whose distilled guidance is 3.5 unless a prompt line sets --g)",
+    )
     render.add_argument("--seed", type=int, default=0, help="seed of the first prompt without --d; the next get seed+1, ... (default: 0)")
-    render.add_argument("--sampler", default="ddim", help="ddim, euler, euler_a, dpmsolver++ or pndm (default: ddim)")
+    render.add_argument(
+        "--sampler", default=None,
+        help="default (the base model's own scheduler), ddim, euler, euler_a, dpmsolver++ or pndm; the last five only for "
+             "SD 1.x/2.x and SDXL (default: the family's: ddim for those, the model's own flow-matching scheduler for the others)",
+    )
     render.add_argument("--batch-size", type=int, default=4, help="previews per pipeline call (default: 4)")
     render.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     render.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model precision (default: float32)")
@@ -123,6 +166,16 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     output.add_argument("--csv", action="store_true", help="print CSV (one row per candidate and prompt) instead of the table")
     output.add_argument("--report", metavar="DIR", help="write an HTML report (index.html, curves.png, images/) into DIR")
     output.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
+
+
+def _family_name(text: str) -> str:
+    """--family: a family of the table (or an alias such as sd15, flux1); else argparse's error listing them."""
+    from lora_monitor.families import get_family
+
+    try:
+        return get_family(text).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _bounds(items: list[str]) -> dict[str, tuple[float | None, float | None]]:
@@ -161,6 +214,8 @@ def analyse_args(args: argparse.Namespace):
     strengths = posthoc.parse_strengths(args.strengths or "0:1.5:0.1") if kind in ("strength", "grid") else None
     skipped: list[tuple[str, str]] = []
     notes: list[str] = []
+    if getattr(args, "family", None) and not args.base:
+        raise posthoc.PosthocError("--family chooses the family of the --base model; without --base nothing is rendered")
     if args.base:
         if spec is None:
             raise posthoc.PosthocError("rendering checkpoints needs preview prompts: --prompts FILE or --prompt TEXT")
@@ -173,14 +228,15 @@ def analyse_args(args: argparse.Namespace):
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipeline = posthoc.load_base_pipeline(args.base, device=device, dtype=args.dtype)
+        pipeline = posthoc.load_base_pipeline(args.base, device=device, dtype=args.dtype, family=args.family, progress=progress)
+        family = posthoc.base_family(pipeline, args.family)
         references, candidates = posthoc.render_checkpoints(
-            pipeline, spec, checkpoints, strengths, sampler=args.sampler, batch_size=args.batch_size,
+            pipeline, spec, checkpoints, strengths, family=family, sampler=args.sampler, batch_size=args.batch_size,
             with_epoch=kind != "strength", progress=progress,
         )
         prompts = [p.prompt for p in spec.prompts]
         reference_files: list[str | None] = [None] * len(prompts)
-        source = ", ".join(str(p) for p in args.paths) + f" on {args.base}"
+        source = ", ".join(str(p) for p in args.paths) + f" on {args.base} ({family.name})"
     else:
         if len(args.paths) != 1:
             raise posthoc.PosthocError(f"without --base give one image folder, got {len(args.paths)} paths")
@@ -198,7 +254,9 @@ def analyse_args(args: argparse.Namespace):
         source = str(args.paths[0])
     have_references = references is not None or any(c.references is not None for c in candidates)
     scorers, scorer_notes = posthoc.make_scorers(metrics, have_references, args.metric)
-    policy = posthoc.build_policy(scorers, args.metric, min_delta=args.min_delta, aggregate=args.aggregate, bounds=bounds)
+    units = {c.unit for c in candidates if c.epoch is not None}
+    unit = units.pop() if kind == "epochs" and len(units) == 1 else "epoch"  # strength/grid: the policy counts positions
+    policy = posthoc.build_policy(scorers, args.metric, min_delta=args.min_delta, aggregate=args.aggregate, bounds=bounds, unit=unit)
     analysis = posthoc.analyse(kind, candidates, references, scorers, policy, prompts=prompts, reference_files=reference_files, progress=progress)
     analysis.skipped = skipped + analysis.skipped
     analysis.notes = notes + scorer_notes
@@ -222,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
             from lora_monitor.report import write_report
 
             report = write_report(analysis, args.report)
-    except (PosthocError, ValueError, FileNotFoundError, OSError) as error:
+    except (PosthocError, ValueError, FileNotFoundError, OSError, ImportError) as error:  # ImportError: a library the base model needs
         print(f"{command}: error: {error}", file=sys.stderr)
         return 2
     except BrisqueModelError as error:
@@ -248,7 +306,8 @@ def table(analysis) -> str:
     """The terminal table: one line per candidate, aggregates per metric, '*' on the best, then the reason."""
     aggregate = analysis.policy.aggregate
     columns = {"epochs": ["epoch"], "strength": ["strength"], "grid": ["epoch", "strength"]}[analysis.kind]
-    header = [*columns, *(f"{m}_{aggregate}" for m in analysis.metrics), "best", "note"]
+    names = [analysis.unit if c == "epoch" else c for c in columns]  # "step" for a run saved by step
+    header = [*names, *(f"{m}_{aggregate}" for m in analysis.metrics), "best", "note"]
     rows = []
     for r in analysis.results:
         keys = [str(r.candidate.epoch) if c == "epoch" else f"{r.candidate.strength:g}" for c in columns]
@@ -274,7 +333,7 @@ def to_csv(analysis) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
-        ["epoch", "strength", "prompt_index", "prompt", "file", *analysis.metrics,
+        [analysis.unit, "strength", "prompt_index", "prompt", "file", *analysis.metrics,
          *(f"{m}_{aggregate}" for m in analysis.metrics), "eligible", "is_best"]
     )
     for r in analysis.results:

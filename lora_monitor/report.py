@@ -56,7 +56,7 @@ def write_report(analysis: Analysis, folder: str | Path, *, title: str | None = 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     curves = plot_curves(analysis, folder / CURVES_FILE)
-    noun = {"epochs": "epoch", "strength": "strength", "grid": "epoch and strength"}[analysis.kind]
+    noun = {"epochs": analysis.unit, "strength": "strength", "grid": f"{analysis.unit} and strength"}[analysis.kind]
     title = title or f"lora-monitor: which {noun}?"
     best = analysis.best
     parts = [
@@ -107,7 +107,8 @@ def _fmt(value: float) -> str:
 def _policy_table(analysis: Analysis) -> str:
     policy = analysis.policy
     direction = "higher" if policy.higher_is_better else "lower"
-    tie = {"epochs": "the earlier epoch", "strength": "the lower strength", "grid": "the earlier epoch, then the lower strength"}[analysis.kind]
+    unit = analysis.unit
+    tie = {"epochs": f"the earlier {unit}", "strength": "the lower strength", "grid": f"the earlier {unit}, then the lower strength"}[analysis.kind]
     bounds = ", ".join(f"{name} ({policy.aggregate}) in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]" for name, (lo, hi) in policy.bounds.items())
     rows = [
         ("monitored metric", f"{policy.metric}, {direction} is better, {policy.aggregate} over prompts"),
@@ -174,10 +175,10 @@ def _grid_sheet(analysis: Analysis, index: int, folder: Path, size: int) -> str:
     epochs = sorted({r.candidate.epoch for r in analysis.results})
     strengths = sorted({r.candidate.strength for r in analysis.results})
     by_key = {(r.candidate.epoch, r.candidate.strength): r for r in analysis.results}
-    head = "<tr><th>epoch \\ strength</th>" + "".join(f"<th>{format_strength(s)}</th>" for s in strengths) + "</tr>"
+    head = f"<tr><th>{analysis.unit} \\ strength</th>" + "".join(f"<th>{format_strength(s)}</th>" for s in strengths) + "</tr>"
     rows = []
     for epoch in epochs:
-        cells = [f"<th>epoch {epoch}</th>"]
+        cells = [f"<th>{analysis.unit} {epoch}</th>"]
         for strength in strengths:
             result = by_key.get((epoch, strength))
             if result is None:
@@ -218,7 +219,7 @@ def plot_curves(analysis: Analysis, path: Path) -> Path | None:
     policy = analysis.policy
     count = len(analysis.metrics)
     figure, axes = plt.subplots(1, count, figsize=(5.2 * count, 3.6), squeeze=False)
-    x_label = {"epochs": "epoch", "strength": "LoRA strength", "grid": "epoch"}[analysis.kind]
+    x_label = {"epochs": analysis.unit, "strength": "LoRA strength", "grid": analysis.unit}[analysis.kind]
     for axis, metric in zip(axes[0], analysis.metrics):
         if analysis.kind == "grid":
             strengths = sorted({r.candidate.strength for r in analysis.results})

@@ -50,6 +50,7 @@ def run(tiny_model, tmp_path_factory):
     spec = PreviewSpec.from_prompts(PROMPTS, seed=7, steps=2, width=64, height=64)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(0)  # the LoRA's random init (so every image here) must not depend on which tests ran before
     pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
     renderer = PreviewRenderer(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
     base = renderer.render_base(spec)
@@ -377,3 +378,76 @@ def test_strengths_parse():
         with pytest.raises(ValueError, match="--strengths"):
             posthoc.parse_strengths(bad)
     assert not math.isnan(posthoc.parse_strengths("0.3")[0])
+
+
+# ----------------------------------------------------------------------------------------- step-based runs
+
+
+def _tiny_lora_file(path, **metadata) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(path), metadata={k: str(v) for k, v in metadata.items()} or None)
+
+
+def _diffusers_folder(path, sidecar=None) -> None:
+    _tiny_lora_file(path / posthoc.DIFFUSERS_LORA_FILE)
+    if sidecar is not None:
+        (path / "lora_monitor.json").write_text(json.dumps(sidecar), encoding="utf-8")
+
+
+def test_step_keyed_checkpoints_are_found_as_steps(tmp_path):
+    """The monitor's step-based exports (sidecar "unit": "step", where "epoch" holds the step; top_k/step-0020)
+    and kohya's name-step00000010 files are steps, not epochs; the final kohya file of such a run takes ss_steps."""
+    exports = tmp_path / "exports"
+    _diffusers_folder(exports / "best", {"epoch": 30, "unit": "step", "step": 30})
+    _diffusers_folder(exports / "step-0020")  # no sidecar: the folder name says step
+    _diffusers_folder(exports / "other", {"unit": "step", "step": 10})  # no "epoch" key: its step
+    found, _ = posthoc.find_checkpoints([exports])
+    assert [(c.epoch, c.unit) for c in found] == [(10, "step"), (20, "step"), (30, "step")]
+
+    kohya = tmp_path / "kohya"
+    _tiny_lora_file(kohya / "tiny-step00000010.safetensors", ss_epoch=1, ss_steps=10)
+    _tiny_lora_file(kohya / "tiny-step00000020.safetensors", ss_epoch=1, ss_steps=20)
+    _tiny_lora_file(kohya / "tiny.safetensors", ss_epoch=2, ss_steps=25)
+    found, _ = posthoc.find_checkpoints([kohya])
+    assert [(c.path.name, c.epoch, c.unit) for c in found] == [
+        ("tiny-step00000010.safetensors", 10, "step"), ("tiny-step00000020.safetensors", 20, "step"), ("tiny.safetensors", 25, "step"),
+    ]
+    epochs = tmp_path / "epochs"
+    _diffusers_folder(epochs / "epoch-0003")
+    _diffusers_folder(epochs / "best", {"epoch": 5, "unit": "epoch"})
+    _diffusers_folder(epochs / "old", {"epoch": 4})  # sidecars written before step-based runs
+    found, _ = posthoc.find_checkpoints([epochs])
+    assert [(c.epoch, c.unit) for c in found] == [(3, "epoch"), (4, "epoch"), (5, "epoch")]
+
+
+def test_epochs_and_steps_are_not_ranked_together(tmp_path):
+    folder = tmp_path / "mixed"
+    _tiny_lora_file(folder / "tiny-000001.safetensors")
+    _tiny_lora_file(folder / "tiny-step00000500.safetensors")
+    with pytest.raises(posthoc.PosthocError, match=r"epoch checkpoints \(tiny-000001.safetensors\) and step checkpoints "
+                                                   r"\(tiny-step00000500.safetensors\) cannot be ranked together"):
+        posthoc.find_checkpoints([folder])
+    found, _ = posthoc.find_checkpoints([folder / "tiny-step00000500.safetensors"])  # the files of one kind
+    assert [(c.epoch, c.unit) for c in found] == [(500, "step")]
+
+
+def test_step_candidates_are_labelled_and_reported_as_steps(run, tmp_path):
+    """Labels, the policy's sentences, the table and the report say "step N" for a step-based run."""
+    from lora_monitor.posthoc_commands import table, to_csv
+    from lora_monitor.report import write_report
+
+    candidates = [posthoc.Candidate(step, None, images, [None] * len(images), unit="step") for step, images in zip((10, 20, 30), run["epochs"].values())]
+    scorers, _ = posthoc.make_scorers(["brisque", "ssim"], True, "brisque")
+    policy = posthoc.build_policy(scorers, "brisque", unit="step")
+    analysis = posthoc.analyse("epochs", candidates, run["base"], scorers, policy, prompts=PROMPTS)
+    assert [r.candidate.label for r in analysis.results] == ["step 10", "step 20", "step 30"]
+    assert analysis.unit == "step" and analysis.to_dict()["unit"] == "step"
+    assert "epoch" not in analysis.explanation() and f"Best: step {analysis.best.candidate.epoch}" in analysis.explanation()
+    assert table(analysis).lstrip().startswith("step") and to_csv(analysis).startswith("step,strength,")
+    html = (write_report(analysis, tmp_path / "report")).read_text(encoding="utf-8")
+    assert "which step?" in html and "the earlier step" in html and "step 20" in html
+    with pytest.raises(posthoc.PosthocError, match="by epoch and by step cannot be ranked together"):
+        posthoc.analyse("epochs", [*candidates[:2], posthoc.Candidate(40, None, run["base"], [None, None])], None, scorers[:1],
+                        posthoc.build_policy(scorers[:1], "brisque"), prompts=PROMPTS)

@@ -2,8 +2,8 @@
 
 Inputs are either images already on disk (kohya samples, the older tools' epoch_NN.png /
 strength_X.png layouts, or a user's name pattern; `images`) or LoRA checkpoints (kohya
-.safetensors files, diffusers LoRA folders) that are rendered with the in-training renderer
-(`checkpoints`). Either way every candidate (`candidates`) is scored and chosen exactly as
+.safetensors files, diffusers LoRA folders) that are loaded into a base model of any family in the
+family table and rendered with the in-training renderer (`checkpoints`). Either way every candidate (`candidates`) is scored and chosen exactly as
 `LoraMonitor.evaluate` does (`analysis`): images rounded to 8 bits (`monitor.quantize`),
 `score_images` with the same scorers, one `BestEpochPolicy.update` per candidate in increasing
 order. So the same images give the same choice as the in-training monitor, and ties (within
@@ -15,9 +15,11 @@ from lora_monitor.posthoc.checkpoints import (
     DIFFUSERS_LORA_FILE,
     PICKLE_SUFFIXES,
     Checkpoint,
+    base_family,
     find_checkpoints,
     load_base_pipeline,
     load_lora_state_dict,
+    lora_modules,
     lora_scale,
     render_checkpoints,
 )
@@ -43,6 +45,7 @@ __all__ = [
     "ImageSet",
     "PosthocError",
     "analyse",
+    "base_family",
     "build_policy",
     "collect_images",
     "find_checkpoints",
@@ -50,6 +53,7 @@ __all__ = [
     "harmonise_sizes",
     "load_base_pipeline",
     "load_lora_state_dict",
+    "lora_modules",
     "lora_scale",
     "make_scorers",
     "parse_strengths",

@@ -48,6 +48,11 @@ class Analysis:
     source: str = ""
 
     @property
+    def unit(self) -> str:
+        """What the candidates' epoch numbers count: "epoch", or "step" for a run saved by step."""
+        return next((r.candidate.unit for r in self.results if r.candidate.epoch is not None), "epoch")
+
+    @property
     def best(self) -> CandidateResult | None:
         return next((result for result in self.results if result.is_best), None)
 
@@ -55,7 +60,7 @@ class Analysis:
         """Why the best one won, in sentences: the policy's own reason and what the others lacked."""
         best = self.best
         policy = self.policy
-        noun = {"epochs": "epoch", "strength": "strength", "grid": "(epoch, strength) pair"}[self.kind]
+        noun = {"epochs": self.unit, "strength": "strength", "grid": f"({self.unit}, strength) pair"}[self.kind]
         if best is None:
             return f"No {noun} was eligible: " + "; ".join(f"{r.candidate.label}: {r.note}" for r in self.results) + "."
         sentences = [f"Best: {best.candidate.label}, {policy.metric} ({policy.aggregate}) {best.aggregates[policy.metric]:.6g}.", best.reason]
@@ -79,6 +84,7 @@ class Analysis:
         best = self.best
         return {
             "kind": self.kind,
+            "unit": self.unit,
             "source": self.source,
             "prompts": list(self.prompts),
             "metrics": list(self.metrics),
@@ -89,6 +95,7 @@ class Analysis:
             "candidates": [
                 {
                     "epoch": r.candidate.epoch,
+                    "unit": r.candidate.unit,
                     "strength": r.candidate.strength,
                     "label": r.candidate.label,
                     "files": list(r.candidate.files),
@@ -116,15 +123,19 @@ def build_policy(
     min_delta: float = 0.0,
     aggregate: str = "mean",
     bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+    unit: str = "epoch",
 ) -> BestEpochPolicy:
-    """The policy LoraMonitor builds for the same settings (polarity from the scorer; no patience)."""
+    """The policy LoraMonitor builds for the same settings (polarity from the scorer; no patience);
+    `unit` "step" for candidates keyed by step (its sentences then say "step N")."""
     by_name = {scorer.name: scorer for scorer in scorers}
     if monitor not in by_name:
         raise PosthocError(f"--metric {monitor!r} is not among the metrics {list(by_name)}; add it to --metrics")
     for name in bounds or {}:
         if name not in by_name:
             raise PosthocError(f"--bound names the metric {name!r}, which is not among the metrics {list(by_name)}; add it to --metrics")
-    return BestEpochPolicy(monitor, higher_is_better=by_name[monitor].higher_is_better, min_delta=min_delta, aggregate=aggregate, bounds=bounds)
+    return BestEpochPolicy(
+        monitor, higher_is_better=by_name[monitor].higher_is_better, min_delta=min_delta, aggregate=aggregate, bounds=bounds, unit=unit
+    )
 
 
 def make_scorers(names: Sequence[str], have_references: bool, monitor: str) -> tuple[list[Scorer], list[str]]:
@@ -169,6 +180,9 @@ def analyse(
 
     if not candidates:
         raise PosthocError("nothing to rank: no complete candidate was found")
+    units = {c.unit for c in candidates if c.epoch is not None}
+    if len(units) > 1:
+        raise PosthocError("candidates keyed by epoch and by step cannot be ranked together; give checkpoints of one kind")
     ordered = sorted(candidates, key=lambda c: c.order)
     keys = [c.order for c in ordered]
     if len(set(keys)) != len(keys):

@@ -17,7 +17,10 @@ class PosthocError(ValueError):
 
 @dataclass
 class Candidate:
-    """One epoch, strength or (epoch, strength) pair: one image per prompt, in prompt order."""
+    """One epoch, strength or (epoch, strength) pair: one image per prompt, in prompt order.
+
+    `unit` is what `epoch` counts: "epoch", or "step" for a run saved by optimizer step (the
+    monitor's sidecar "unit": "step", kohya's name-step00000500 files); labels say which."""
 
     epoch: int | None
     strength: float | None
@@ -25,6 +28,7 @@ class Candidate:
     files: list[str | None]
     references: list[torch.Tensor] | None = None  # only when this candidate has its own (control_NN.png)
     reference_files: list[str | None] | None = None
+    unit: str = "epoch"
 
     @property
     def order(self) -> tuple[float, float]:
@@ -34,7 +38,7 @@ class Candidate:
     def label(self) -> str:
         parts = []
         if self.epoch is not None:
-            parts.append(f"epoch {self.epoch}")
+            parts.append(f"{self.unit} {self.epoch}")
         if self.strength is not None:
             parts.append(f"strength {format_strength(self.strength)}")
         return " @ ".join(parts)
