@@ -266,7 +266,11 @@ class PreviewRenderer:
         device = self.text_encoders[0].device  # where the encoders are; the embeddings move to the denoiser when rendered
         wanted = {"prompt": texts, "device": device, "num_images_per_prompt": 1, "do_classifier_free_guidance": negatives is not None}
         if negatives is not None and self.family.negative_outputs is None:
-            wanted["negative_prompt"] = negatives
+            # no negative text is what a plain pipe(prompt) call passes (its default: None for SD/SDXL/SD3, "" for
+            # Sana): SDXL then uses zero embeddings (force_zeros_for_empty_prompt) where "" would be encoded
+            parameter = call_parameters.get("negative_prompt")
+            default = None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+            wanted["negative_prompt"] = negatives if any(negatives) else default
         # prompt_2, prompt_3, negative_prompt_2...: None means "the same text" to every pipeline (SD3 has no default)
         wanted.update({name: None for name in encode_parameters if name.startswith(("prompt_", "negative_prompt_")) and name[-1].isdigit()})
         kwargs.update({name: value for name, value in wanted.items() if name in encode_parameters})
