@@ -310,12 +310,12 @@ def test_sdxl_resume_keeps_the_best_epoch(setup, tmp_path):
         "--resolution", "32", "--train_batch_size", "2", "--checkpointing_steps", "2", "--rank", "4",
         "--learning_rate", "1e-2", "--seed", "0", "--mixed_precision", "no", "--report_to", "tensorboard", "--dataloader_num_workers", "0",
     ]
-    settings = dict(metrics=("ssim",), monitor="ssim", patience=3, bounds={"ssim": (None, 0.97)})
+    settings = dict(metrics=("ssim",), monitor="ssim", patience=3, bounds={"ssim": (None, 0.9)})
     first = train(setup, "sdxl", tmp_path, arguments + ["--num_train_epochs", "2"], settings, out=out)
     assert first.returncode == 0, first.diagnostics()
     lines = assert_scores(first, "step", [2, 4], [2, 4])
-    if lines[0]["aggregates"]["ssim"] <= 0.97 or lines[1]["aggregates"]["ssim"] > 0.97:
-        pytest.skip(f"the tiny run's SSIM did not fall as this test needs (step 2 > 0.97 >= step 4): {[l['aggregates'] for l in lines]}")
+    if lines[0]["aggregates"]["ssim"] <= 0.9 or lines[1]["aggregates"]["ssim"] > 0.9:
+        pytest.skip(f"the tiny run's SSIM did not fall as this test needs (step 2 > 0.9 >= step 4): {[l['aggregates'] for l in lines]}")
     second = train(setup, "sdxl", tmp_path, arguments + ["--num_train_epochs", "3", "--resume_from_checkpoint", "latest"], settings, out=out)
     assert second.returncode == 0, second.diagnostics()
     lines = assert_scores(second, "step", [2, 4, 6], [2, 4, 6])
