@@ -1,27 +1,16 @@
-"""Tiny diffusion pipelines built offline from configs with random weights.
+"""The tiny models of each family: building blocks (text encoders, VAEs) and one builder per family.
 
-Tests, the demo and the benchmarks use them in place of a downloaded model: each is saved with
-save_pretrained and loaded back with from_pretrained, exactly as a real model folder is. Nothing
-here touches the network: every tokenizer is built in code from a small character-level vocabulary.
-
-One pipeline per model family (TINY_FAMILIES): "sd" (the default, StableDiffusionPipeline), "sdxl",
-"sd3", "flux", "sana" and, where the installed diffusers has them, "lumina2", "qwenimage" and
-"chroma". available_tiny_families() says which of them the installed diffusers can build.
-
-Rendering one: TINY_IMAGE_SIZE[family] is the smallest image side the family's architecture takes
-(pass it as height and width) and TINY_RENDER_KWARGS[family] the pipeline arguments a tiny model
-needs on top (Sana must not snap the size to its 512/1024 px resolution bins).
+Each builder returns the family's pipeline with random weights from configs; build_tiny_pipeline runs it
+inside _seeded(seed). The sizes: "tiny" for every family; "small", a benchmark stand-in for a real model,
+for "sd", "sdxl" and "flux".
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import tempfile
-from pathlib import Path
 
 import torch
 
-from lora_monitor.families import get_family
+from lora_monitor.tiny.tokenizers import build_gemma_tokenizer, build_qwen_tokenizer, build_t5_tokenizer, build_tokenizer
 
 # Two sizes: "tiny" renders 4 images of 64 px with 4 steps in about a second on a 2-core CPU;
 # "small" (a ~26M-parameter UNet) stands in for a real model in the benchmarks.
@@ -29,208 +18,6 @@ SIZES = {
     "tiny": dict(unet_channels=(32, 64), layers_per_block=2, text_hidden=32, text_layers=2, vae_channels=(32, 64)),
     "small": dict(unet_channels=(64, 128, 256), layers_per_block=2, text_hidden=64, text_layers=4, vae_channels=(32, 64)),
 }
-
-TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux", "sana", "lumina2", "qwenimage", "chroma")
-
-# The sizes each family can be built in: "tiny" for all; "small", a benchmark stand-in for a real
-# model, for "sd", "sdxl" and "flux" (set below with their size tables).
-FAMILY_SIZES = {family: ("tiny",) for family in TINY_FAMILIES}
-FAMILY_SIZES["sd"] = tuple(SIZES)
-
-# The image side (px) to render each tiny pipeline at: 32 for all, the smallest of 32/64 every
-# architecture takes. The tiny VAEs scale by 2 (but Lumina2's by 8: Lumina2Pipeline assumes 8), so
-# 32 px is a 16x16 latent: SD3, Flux, Chroma, QwenImage and Lumina2 patch it 2x2 (Lumina2: 2x2
-# tokens of a 4x4 latent), Sana wants sides divisible by 32, SD/SDXL by 8. The monitor's own SD tests
-# render at 64 px.
-TINY_IMAGE_SIZE = {family: 32 for family in TINY_FAMILIES}
-
-# Pipeline arguments a tiny model needs on top of prompt/height/width/steps/generator.
-TINY_RENDER_KWARGS: dict[str, dict] = {family: {} for family in TINY_FAMILIES}
-# Sana snaps height/width to its aspect-ratio bins (512 px and up) unless told not to, and rejects a
-# transformer whose sample_size is not 16/32/64 when binning.
-# (diffusers 0.32's Sana also cleans captions by default, which wants Beautiful Soup and warns without it.)
-TINY_RENDER_KWARGS["sana"] = {"use_resolution_binning": False, "clean_caption": False}
-
-
-# peft target modules for a LoRA on each family's denoiser (pipeline.unet for sd/sdxl,
-# pipeline.transformer otherwise): the attention projections, present in all of them under these names.
-LORA_TARGET_MODULES: dict[str, list[str]] = {family: ["to_q", "to_k", "to_v", "to_out.0"] for family in TINY_FAMILIES}
-
-
-def denoiser(pipeline) -> torch.nn.Module:
-    """The pipeline's denoiser, the module a LoRA trains: its UNet, or its transformer."""
-    unet = getattr(pipeline, "unet", None)
-    return unet if unet is not None else pipeline.transformer
-
-
-def available_tiny_families() -> tuple[str, ...]:
-    """The families whose pipeline class the installed diffusers has, in TINY_FAMILIES order."""
-    import diffusers
-
-    return tuple(family for family in TINY_FAMILIES if hasattr(diffusers, get_family(family).pipeline))
-
-
-def pipeline_class(family: str):
-    """The diffusers pipeline class of a family (the family table's); a clear error when the installed diffusers lacks it."""
-    return get_family(family).pipeline_class()
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers, built in code
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte-level BPE alphabet (GPT-2/CLIP): every byte gets a printable unicode character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars)}
-
-
-def build_tokenizer(max_length: int = 77):
-    """A CLIPTokenizer over a byte-level vocabulary with no merges: every character is a token."""
-    from transformers import CLIPTokenizer
-
-    alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    with tempfile.TemporaryDirectory() as folder:
-        vocab_file = Path(folder) / "vocab.json"
-        merges_file = Path(folder) / "merges.txt"
-        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
-        merges_file.write_text("#version: 0.2\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length, pad_token="<|endoftext|>")
-    return tokenizer
-
-
-# Printable ASCII but the space: the alphabet of the T5 and Gemma tokenizers (one token per character).
-_ASCII = [chr(code) for code in range(33, 127)]
-
-
-def _load_tokenizer(cls, backend, config: dict):
-    """Write a `tokenizers` backend and its config as a tokenizer folder and load it with cls.
-
-    Loading rather than wrapping makes the built tokenizer exactly what from_pretrained gives back
-    after save_pretrained, in transformers 4 (which reads tokenizer.json as is) and 5 (which rebuilds
-    the backend from the vocabulary in the class's own way).
-    """
-    with tempfile.TemporaryDirectory() as folder:
-        backend.save(str(Path(folder) / "tokenizer.json"))
-        (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-        return cls.from_pretrained(folder)
-
-
-def build_t5_tokenizer(max_length: int = 512):
-    """A T5TokenizerFast (SentencePiece-style Unigram) whose pieces are single characters; no sentinels."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -3.0) for c in _ASCII]
-    backend = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)]
-    )
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    backend.post_processor = processors.TemplateProcessing(
-        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
-    )
-    backend.add_special_tokens(["<pad>", "</s>", "<unk>"])
-    config = dict(
-        tokenizer_class="T5Tokenizer", model_max_length=max_length, extra_ids=0, additional_special_tokens=[],
-        eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-    )
-    return _load_tokenizer(T5TokenizerFast, backend, config)
-
-
-def build_gemma_tokenizer(max_length: int = 2048):
-    """A GemmaTokenizerFast (BPE with byte fallback, no merges): one token per character, <bos> first."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import GemmaTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    vocab = {token: index for index, token in enumerate(specials)}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for char in ["▁"] + _ASCII:
-        vocab[char] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=True, unk_token="<unk>", byte_fallback=True, dropout=None))
-    backend.normalizer = normalizers.Replace(" ", "▁")
-    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    backend.post_processor = processors.TemplateProcessing(
-        single=["<bos>", "$A"], pair=["<bos>", "$A", "<bos>", "$B"], special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    backend.add_special_tokens(specials)
-    config = dict(
-        tokenizer_class="GemmaTokenizer", model_max_length=max_length, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-        unk_token="<unk>", mask_token="<mask>", add_bos_token=True, add_eos_token=False, padding_side="right",
-    )
-    return _load_tokenizer(GemmaTokenizerFast, backend, config)
-
-
-_QWEN_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-# Whole-word tokens for the words of QwenImagePipeline's prompt template. The pipeline drops the
-# first 34 tokens of every encoded prompt (the template's system part, 34 tokens with Qwen's own
-# vocabulary); with these words merged the tiny tokenizer spends exactly 34 on it too, so what is
-# left is the prompt itself rather than most of an instruction every prompt shares.
-_QWEN_WORDS = ["system", "user", "assistant", "Describe"]
-_QWEN_SPACED_WORDS = (
-    "the image by detailing color shape size texture quantity text spatial relationships of objects and background"
-).split()
-
-
-def _qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level alphabet, a merge chain for each template word (space-prefixed words first, so
-    that no bare-word merge can split them), then the special tokens."""
-    alphabet = _bytes_to_unicode()
-    space = alphabet[ord(" ")]
-    vocab = {char: index for index, char in enumerate(alphabet.values())}
-    merges = []
-    for word in [space + word for word in _QWEN_SPACED_WORDS] + _QWEN_WORDS:
-        for end in range(2, len(word) + 1):
-            if word[:end] not in vocab:
-                merges.append((word[: end - 1], word[end - 1]))
-                vocab[word[:end]] = len(vocab)
-    for token in _QWEN_SPECIALS:
-        vocab[token] = len(vocab)
-    return vocab, merges
-
-
-def build_qwen_tokenizer(max_length: int = 32768):
-    """A Qwen2TokenizerFast (byte-level BPE): one token per byte but for the words of QwenImage's
-    prompt template, plus Qwen's chat tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import Qwen2TokenizerFast
-
-    vocab, merges = _qwen_vocab_and_merges()
-    backend = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                   fuse_unk=False, byte_fallback=False)
-    )
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE), behavior="isolated", invert=False),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    backend.add_special_tokens(_QWEN_SPECIALS)
-    config = dict(
-        tokenizer_class="Qwen2Tokenizer", model_max_length=max_length, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        unk_token=None, bos_token=None, add_prefix_space=False, errors="replace", additional_special_tokens=_QWEN_SPECIALS[1:],
-    )
-    return _load_tokenizer(Qwen2TokenizerFast, backend, config)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building blocks
-
 
 @contextlib.contextmanager
 def _seeded(seed: int):
@@ -429,8 +216,6 @@ FLUX_SIZES = {
     "tiny": dict(heads=2, head_dim=16, axes=(4, 6, 6), double=1, single=1, clip_hidden=32, clip_layers=2, t5_width=32, t5_layers=2),
     "small": dict(heads=6, head_dim=64, axes=(16, 24, 24), double=3, single=6, clip_hidden=64, clip_layers=4, t5_width=64, t5_layers=2),
 }
-FAMILY_SIZES["sdxl"] = tuple(SDXL_SIZES)
-FAMILY_SIZES["flux"] = tuple(FLUX_SIZES)
 
 
 def _build_sdxl(size: str):
@@ -733,34 +518,6 @@ _BUILDERS = {
 }
 
 
-def build_tiny_pipeline(size: str = "tiny", seed: int = 0, family: str = "sd"):
-    """Build a pipeline of the family with random weights from configs (no download).
-
-    The weights depend on seed only; torch's global RNG state is restored afterwards.
-    """
-    pipeline_class(family)  # a clear error for an unknown family or one the installed diffusers lacks
-    if size not in FAMILY_SIZES[family]:
-        raise ValueError(f"unknown tiny model size {size!r} for family {family!r}; choose one of {', '.join(FAMILY_SIZES[family])}")
-    with _seeded(seed):
-        pipeline = _BUILDERS[family](size)
-    # eval mode, as from_pretrained leaves every model: a model built from its config is in training
-    # mode, where any dropout would make renders random and unlike the saved model's
-    for component in pipeline.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    return pipeline
-
-
-def save_tiny_pipeline(path: str | Path, size: str = "tiny", seed: int = 0, family: str = "sd") -> Path:
-    """Build the tiny pipeline and save it as a diffusers model folder; return the folder.
-
-    An existing complete folder is reused (its model_index.json marks it complete).
-    """
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return path
-    pipeline = build_tiny_pipeline(size=size, seed=seed, family=family)
-    partial = path.with_name(path.name + ".partial")
-    pipeline.save_pretrained(partial)
-    partial.rename(path)
-    return path
+# The sizes each family can be built in.
+FAMILY_SIZES = {family: ("tiny",) for family in _BUILDERS}
+FAMILY_SIZES.update(sd=tuple(SIZES), sdxl=tuple(SDXL_SIZES), flux=tuple(FLUX_SIZES))
