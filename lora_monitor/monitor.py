@@ -20,7 +20,7 @@ from lora_monitor import export as exporting
 from lora_monitor.policy import BestEpochPolicy, Decision
 from lora_monitor.record import RunRecord, from_pil, save_png_atomic
 from lora_monitor.families import detect_family, get_family
-from lora_monitor.render import PreviewRenderer
+from lora_monitor.render import PreviewRenderer, preserved_rng_state
 from lora_monitor.scoring import Scorer, get_scorer, score_images
 from lora_monitor.spec import PreviewSpec
 
@@ -325,8 +325,10 @@ class LoraMonitor:
 
     # ----------------------------------------------------------------- evaluation
     def score(self, images: Sequence[torch.Tensor], references: Sequence[torch.Tensor] | None) -> dict[str, list[float]]:
-        """Every scorer on every image (rounded to 8 bits, as saved); a failing scorer gives NaN and one warning."""
-        return score_images(self.scorers, [quantize(image) for image in images], references, warn=self._warn_once)
+        """Every scorer on every image (rounded to 8 bits, as saved); a failing scorer gives NaN and one warning.
+        The random states are put back afterwards: a scorer that seeds or draws cannot change training."""
+        with preserved_rng_state():
+            return score_images(self.scorers, [quantize(image) for image in images], references, warn=self._warn_once)
 
     def on_epoch_end(self, epoch: int, step: int | None = None, *, force: bool = False) -> EpochReport | None:
         """Render and evaluate `epoch` if it is due (every_n_epochs) or `force`; returns the report, or None when not due.

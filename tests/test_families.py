@@ -406,3 +406,24 @@ def test_base_renders_that_overflow_in_the_vae_say_it_is_the_vae(pipeline, small
         pipeline.vae.decoder.conv_in.weight.mul_(1e38)
     with pytest.warns(RuntimeWarning, match=r"base preview\(s\) \[0, 1\] are not finite: the VAE decode in float32 turned finite latents into NaN/inf"):
         monitor.base_references()
+
+
+def test_a_scorer_that_seeds_and_draws_leaves_the_random_states_as_they_were(pipeline, small_spec, tmp_path):
+    import random
+
+    import numpy as np
+
+    class Seeding:
+        name, higher_is_better, needs_reference = "seeding", True, False
+
+        def __call__(self, images, reference=None):
+            torch.manual_seed(123), np.random.seed(123), random.seed(123)
+            return torch.rand(images.shape[0]) + float(np.random.rand()) + random.random()
+
+    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=None, scorers=[Seeding()], monitor="seeding")
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    monitor.on_epoch_end(1)
+    drawn = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(drawn[0], expected[0]) and np.array_equal(drawn[1], expected[1]) and drawn[2] == expected[2]
