@@ -5,27 +5,34 @@ one epoch:
 
   (a) monitor  LoraMonitor.on_epoch_end: batched render with the in-memory training modules, SSIM
                against the cached base renders, PNGs and a scores line written (export off).
-  (b) example  what diffusers' examples/text_to_image/train_text_to_image_lora.py does in
-               log_validation: DiffusionPipeline.from_pretrained(model, unet=training unet),
-               .to(device), then one pipeline call per image with its own generator; del afterwards.
-  (c) bare     one StableDiffusionPipeline call over the same in-memory modules per batch, a list
-               of generators, output_type="pt" (the floor for batched rendering).
+  (b) example  what diffusers' example training script of the family does in its validation
+               (EXAMPLES below): reload the pipeline with from_pretrained around the training modules
+               it passes (the SD example passes only the UNet, so the VAE and text encoder reload; the
+               Flux example first reloads the text encoders it freed after encoding), .to(device),
+               then one pipeline call per image with its own generator; del afterwards.
+  (c) bare     one pipeline call of the family over the same in-memory modules per batch, a list of
+               generators, output_type="pt" (the floor for batched rendering).
 
 and the peak memory of a short training-like run (load, add a LoRA, a few optimiser steps per
 epoch) without any preview, with the monitor, and with the example's validation, each in its own
 child process so that the peaks do not mix.
 
-The models are the offline random-weight pipelines of lora_monitor.tiny, saved to a temporary
-folder and loaded with from_pretrained. This is a measurement, not a test: it prints figures.
+Families (--family): sd (default), sdxl, flux. The models are the offline random-weight pipelines
+of lora_monitor.tiny ("tiny", "small"), or ("large", for a GPU) the real models' widths built by
+benchmarks/realistic_models.py; saved to a temporary folder and loaded with from_pretrained. This
+is a measurement, not a test: it prints figures.
 
-    python benchmarks/preview_overhead.py                       # tiny@64 px and small@128 px
+    python benchmarks/preview_overhead.py                       # SD: tiny@64 px and small@128 px
     python benchmarks/preview_overhead.py --models small --repeats 7
+    python benchmarks/preview_overhead.py --family flux --models small --steps 2
+    python benchmarks/preview_overhead.py --family sdxl --models large --device cuda --dtype bfloat16 --steps 20
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import os
 import resource
@@ -34,14 +41,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-# Preview size per model: the tiny model at 64 px, the ~24M-parameter UNet at 128 px.
-RESOLUTION = {"tiny": 64, "small": 128}
+# Preview size per model: the tiny model at 64 px, the ~24M-parameter UNet at 128 px; "large" (real
+# widths, for a GPU) at the family's own resolution (realistic_models.RESOLUTION).
+RESOLUTION = {"tiny": 64, "small": 128, "large": 512}
 PROMPTS = [
     "a red apple on a wooden table",
     "a lighthouse on a cliff at dusk",
@@ -53,13 +62,43 @@ PROMPTS = [
     "a vintage car parked by the sea",
 ]
 FIRST_SEED = 1234
-GUIDANCE_SCALE = 7.5
+GUIDANCE_SCALE = 7.5  # SD's CFG scale; the other families render with their own defaults (families.py)
+FAMILY_CHOICES = ("sd", "sdxl", "flux")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Example:
+    """How a diffusers example training script of the family builds its validation pipeline."""
+
+    script: str
+    passes: tuple[str, ...]  # training modules it hands to from_pretrained (the rest reload from the folder)
+    # The loop frees the frozen text encoders once the training prompts are encoded, and the
+    # validation loads them again (train_dreambooth_lora_flux.py without --train_text_encoder).
+    reloads_encoders: bool = False
+
+
+EXAMPLES = {
+    # log_validation: DiffusionPipeline.from_pretrained(model, unet=unwrap_model(unet), torch_dtype=weight_dtype)
+    "sd": Example("examples/text_to_image/train_text_to_image_lora.py", ("unet",)),
+    # StableDiffusionXLPipeline.from_pretrained(model, vae=vae, text_encoder=..., text_encoder_2=..., unet=...)
+    "sdxl": Example("examples/text_to_image/train_text_to_image_lora_sdxl.py", ("unet", "vae", "text_encoder", "text_encoder_2")),
+    # load_text_encoders(...), then FluxPipeline.from_pretrained(model, vae=vae, text_encoder=..., text_encoder_2=..., transformer=...)
+    "flux": Example(
+        "examples/dreambooth/train_dreambooth_lora_flux.py", ("transformer", "vae", "text_encoder", "text_encoder_2"), reloads_encoders=True
+    ),
+}
 
 
 # --------------------------------------------------------------------------- model set-up
 def quiet_libraries() -> None:
+    import warnings
+
     import diffusers
     import transformers
+
+    # diffusers 0.42 renames from_pretrained's torch_dtype to dtype; the examples (and older releases) say torch_dtype
+    warnings.filterwarnings("ignore", message=r".*torch_dtype.* is deprecated", category=FutureWarning)
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
@@ -74,42 +113,116 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def load_training_modules(folder: str, device: str):
-    """Load the model the way a diffusers LoRA training script does, with a peft LoRA (r=4) on the UNet."""
-    from lora_monitor.demo import load_for_lora_training
+def torch_dtype(args):
+    import torch
 
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_for_lora_training(folder, rank=4)
-    for module in (unet, vae, text_encoder):
-        module.to(device)
-    return unet, vae, text_encoder, tokenizer, noise_scheduler
+    return getattr(torch, args.dtype)
 
 
-def nudge_lora(unet, seed: int = 0, scale: float = 0.05) -> None:
+def precision(args):
+    """The context every render and training step runs in: nothing in float32, else autocast to the dtype
+    (what an Accelerator with mixed precision gives the loop, and the monitor through attach())."""
+    import torch
+
+    if args.dtype == "float32":
+        return contextlib.nullcontext
+    device_type = torch.device(args.device).type
+    return lambda: torch.autocast(device_type=device_type, dtype=torch_dtype(args))
+
+
+def resolution_of(size_name: str, args) -> int:
+    if args.resolution:
+        return args.resolution
+    if size_name == "large":
+        from realistic_models import RESOLUTION as LARGE
+
+        return LARGE[args.family]
+    return RESOLUTION[size_name]
+
+
+def save_model(size_name: str, family: str, work_dir: Path, args) -> str:
+    if size_name == "large":
+        from realistic_models import save_realistic_pipeline
+
+        return str(save_realistic_pipeline(work_dir / f"{size_name}-{family}", family, device=args.device, dtype=torch_dtype(args)))
+    from lora_monitor.tiny import save_tiny_pipeline
+
+    return str(save_tiny_pipeline(work_dir / f"{size_name}-{family}", size=size_name, family=family))
+
+
+def load_training_modules(folder: str, family, device: str, dtype=None) -> dict:
+    """Load the model the way a diffusers LoRA training script does, with a peft LoRA (r=4) on the denoiser.
+
+    Returns the pipeline's modules by name; "scheduler" is the training noise scheduler (DDPM for the
+    UNet families, the model's flow-matching scheduler for Flux). In a dtype other than float32 the frozen
+    weights are cast to it and the LoRA stays float32 (the examples' weight_dtype and cast_training_params)."""
+    import torch
+
+    if family.name == "sd":
+        from lora_monitor.demo import load_for_lora_training
+
+        tokenizer, text_encoder, vae, unet, noise_scheduler = load_for_lora_training(folder, rank=4)
+        modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": noise_scheduler}
+    else:
+        from diffusers import DDPMScheduler
+        from peft import LoraConfig
+
+        from lora_monitor.tiny import LORA_TARGET_MODULES
+
+        load_dtype = {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
+        pipeline = family.pipeline_class().from_pretrained(folder, **family.extra_components, **load_dtype)
+        modules = {name: getattr(pipeline, name) for name in family.components}
+        scheduler = modules["scheduler"]
+        modules["scheduler"] = (type(scheduler) if family.flow_matching else DDPMScheduler).from_config(scheduler.config)
+        del pipeline
+        for name in family.components:
+            if isinstance(modules[name], torch.nn.Module):
+                modules[name].requires_grad_(False)
+        modules[family.denoiser].add_adapter(
+            LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGET_MODULES[family.name])
+        )
+    for module in modules.values():
+        if isinstance(module, torch.nn.Module):
+            if dtype in (None, torch.float32):
+                module.to(device)
+            else:
+                module.to(device, dtype)
+    for parameter in modules[family.denoiser].parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return modules
+
+
+def nudge_lora(denoiser, seed: int = 0, scale: float = 0.05) -> None:
     """Give lora_B (zero at init) small values, as training would, so LoRA previews differ from the base."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in unet.named_parameters():
+        for name, parameter in denoiser.named_parameters():
             if "lora_B" in name:
                 noise = torch.randn(parameter.shape, generator=generator) * scale
                 parameter.copy_(noise.to(parameter.device, parameter.dtype))
 
 
-def preview_spec(prompts: int, steps: int, size: int):
+def preview_spec(prompts: int, steps: int, size: int, family: str = "sd"):
+    """SD previews at CFG 7.5 (as this benchmark always used); the others at their family's defaults
+    (SDXL CFG 5; Flux distilled guidance 3.5 and no CFG, like its example's pipeline call)."""
     from lora_monitor.spec import PreviewSpec
 
-    return PreviewSpec.from_prompts(
-        PROMPTS[:prompts], seed=FIRST_SEED, steps=steps, guidance_scale=GUIDANCE_SCALE, width=size, height=size
-    )
+    guidance = GUIDANCE_SCALE if family == "sd" else None
+    return PreviewSpec.from_prompts(PROMPTS[:prompts], seed=FIRST_SEED, steps=steps, guidance_scale=guidance, width=size, height=size)
 
 
-def build_monitor(modules, spec, output_dir: str, brisque: bool, batch_size: int):
+def components_of(modules: dict, family) -> dict:
+    return {name: modules.get(name) for name in family.components}
+
+
+def build_monitor(modules, family, spec, output_dir: str, brisque: bool, batch_size: int, autocast=None):
     """The monitor over the training modules; BRISQUE joins when asked for and available."""
     from lora_monitor.monitor import LoraMonitor
     from lora_monitor.scoring import get_scorer
 
-    unet, vae, text_encoder, tokenizer, noise_scheduler = modules
     metrics = ["ssim"]
     if brisque:
         try:
@@ -117,88 +230,116 @@ def build_monitor(modules, spec, output_dir: str, brisque: bool, batch_size: int
             metrics.append("brisque")
         except ValueError as error:
             print(f"note: --brisque asked for, but it is not available ({error}); timing SSIM only", file=sys.stderr)
-    return LoraMonitor(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=noise_scheduler,
+    monitor = LoraMonitor.from_modules(
+        family.name,
+        **components_of(modules, family),
         spec=spec,
         output_dir=output_dir,
         metrics=tuple(metrics),
         monitor="ssim",
         batch_size=batch_size,
         export=False,
-    ), metrics
+    )
+    if autocast is not None:
+        monitor.renderer.autocast = autocast  # what attach(accelerator) does with accelerator.autocast
+    return monitor, metrics
 
 
-def example_validation(folder: str, unet, spec, device: str):
-    """diffusers' train_text_to_image_lora.py log_validation: reload the pipeline around the training
-    UNet, move it to the device, render one image per call with its own generator, then drop it.
-    (The example runs this under torch.autocast(device); here everything stays float32, like (a) and (c).)"""
+def call_arguments(family, batch, *, single: bool = False) -> dict:
+    """The pipeline call's arguments for a batch of prompts that share their settings (as the monitor's renderer
+    sets them: CFG where the family has it, Flux's distilled guidance; no negative text leaves the pipeline's
+    default, so SDXL uses its zero embeddings); `single` passes one prompt as a string."""
+    first = batch[0]
+    cfg = family.cfg_default if first.guidance_scale is None else first.guidance_scale
+    arguments = {"prompt": [p.prompt for p in batch]}
+    if (not family.cfg_needs_negative or cfg > 1) and any(p.negative_prompt for p in batch):
+        arguments["negative_prompt"] = [p.negative_prompt for p in batch]
+    arguments.update(num_inference_steps=first.steps)
+    arguments[family.cfg_argument] = cfg
+    arguments.update(width=first.width, height=first.height)
+    if family.distilled_argument:
+        arguments[family.distilled_argument] = family.distilled_default if first.distilled_guidance is None else first.distilled_guidance
+    arguments.update(family.call_arguments)
+    if single:
+        arguments.update({name: arguments[name][0] for name in ("prompt", "negative_prompt") if name in arguments})
+    return arguments
+
+
+def encoder_class(folder: str, name: str):
+    """The text encoder class model_index.json names (the example's import_model_class_from_model_name_or_path)."""
+    import importlib
+
+    library, class_name = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))[name]
+    return getattr(importlib.import_module(library), class_name)
+
+
+def example_pipeline(folder: str, family, modules: dict, device: str, dtype=None):
+    """The example's validation pipeline: from_pretrained around the training modules it passes, .to(device)."""
     import torch
     from diffusers import DiffusionPipeline
 
-    pipeline = DiffusionPipeline.from_pretrained(folder, unet=unet)
+    example = EXAMPLES[family.name]
+    passed = {name: modules[name] for name in example.passes if modules.get(name) is not None}
+    load_dtype = {} if dtype in (None, torch.float32) else {"torch_dtype": dtype}
+    if example.reloads_encoders:
+        for name in family.encoder_names:
+            passed[name] = encoder_class(folder, name).from_pretrained(folder, subfolder=name, **load_dtype)
+    pipeline_class = DiffusionPipeline if family.name == "sd" else family.pipeline_class()
+    pipeline = pipeline_class.from_pretrained(folder, **passed, **load_dtype)
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def example_validation(folder: str, family, modules: dict, spec, device: str, dtype=None, autocast=contextlib.nullcontext):
+    """diffusers' example log_validation: reload the pipeline around the training modules, move it to the device,
+    render one image per call with its own generator, then drop it. The examples run this under torch.autocast
+    (SD, SDXL) or not at all (Flux); here it runs in the same precision as (a) and (c)."""
+    import torch
+
+    pipeline = example_pipeline(folder, family, modules, device, dtype)
     images = []
-    for prompt in spec.prompts:
-        generator = torch.Generator(device=device).manual_seed(prompt.seed)
-        images.append(
-            pipeline(
-                prompt.prompt,
-                negative_prompt=prompt.negative_prompt,
-                num_inference_steps=prompt.steps,
-                guidance_scale=prompt.guidance_scale,
-                width=prompt.width,
-                height=prompt.height,
-                generator=generator,
-            ).images[0]
-        )
+    with autocast():
+        for prompt in spec.prompts:
+            generator = torch.Generator(device=device).manual_seed(prompt.seed)
+            images.append(pipeline(**call_arguments(family, [prompt], single=True), generator=generator).images[0])
     del pipeline
+    if EXAMPLES[family.name].reloads_encoders:  # the example's `del text_encoder_one, text_encoder_two; free_memory()`
+        gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return images
 
 
-def bare_pipeline(modules):
-    """A StableDiffusionPipeline over the in-memory modules with a DDIM sampler from the training scheduler's config."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def bare_pipeline(modules: dict, family):
+    """The family's pipeline over the in-memory modules, with the monitor's sampler made from the training scheduler's
+    config (DDIM for the UNet families, the model's own flow-matching scheduler for Flux)."""
+    from lora_monitor.families import pipeline_arguments
+    from lora_monitor.render import default_sampler, make_sampler
 
-    unet, vae, text_encoder, tokenizer, noise_scheduler = modules
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipeline_class = family.pipeline_class()
+    build = {name: modules.get(name) for name in family.components}
+    build["scheduler"] = make_sampler(modules["scheduler"], default_sampler(family), family)
+    build.update(family.extra_components)
+    accepted = pipeline_arguments(pipeline_class)
+    pipeline = pipeline_class(**{name: value for name, value in build.items() if name in accepted})
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def bare_render(pipeline, spec, batch_size: int):
+def bare_render(pipeline, family, spec, batch_size: int, autocast=contextlib.nullcontext):
     import torch
 
     images = []
-    for start in range(0, len(spec), batch_size):
-        batch = spec.prompts[start : start + batch_size]
-        first = batch[0]
-        output = pipeline(
-            prompt=[p.prompt for p in batch],
-            negative_prompt=[p.negative_prompt for p in batch],
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            width=first.width,
-            height=first.height,
-            generator=[torch.Generator(device="cpu").manual_seed(p.seed) for p in batch],
-            output_type="pt",
-        )
-        images.extend(output.images.float().cpu())
+    with autocast():
+        for start in range(0, len(spec), batch_size):
+            batch = spec.prompts[start : start + batch_size]
+            output = pipeline(
+                **call_arguments(family, batch),
+                generator=[torch.Generator(device="cpu").manual_seed(p.seed) for p in batch],
+                output_type="pt",
+            )
+            images.extend(output.images.float().cpu())
     return images
 
 
@@ -220,13 +361,20 @@ def time_model(size_name: str, folder: str, work_dir: Path, args) -> dict:
     `repeats` rounds with the order rotated every round so drift hits the three paths alike."""
     import torch
 
-    resolution = RESOLUTION[size_name]
-    spec = preview_spec(args.prompts, args.steps, resolution)
-    modules = load_training_modules(folder, args.device)
-    nudge_lora(modules[0])
-    unet_params = sum(p.numel() for n, p in modules[0].named_parameters() if "lora_" not in n)
-    monitor, metrics = build_monitor(modules, spec, str(work_dir / f"monitor-{size_name}"), args.brisque, args.batch_size)
-    bare = bare_pipeline(modules)
+    from lora_monitor.families import get_family
+
+    family = get_family(args.family)
+    dtype, autocast = torch_dtype(args), precision(args)
+    resolution = resolution_of(size_name, args)
+    spec = preview_spec(args.prompts, args.steps, resolution, family.name)
+    modules = load_training_modules(folder, family, args.device, dtype)
+    denoiser = modules[family.denoiser]
+    nudge_lora(denoiser)
+    denoiser_params = sum(p.numel() for n, p in denoiser.named_parameters() if "lora_" not in n)
+    monitor, metrics = build_monitor(
+        modules, family, spec, str(work_dir / f"monitor-{size_name}"), args.brisque, args.batch_size, autocast=None if args.dtype == "float32" else autocast
+    )
+    bare = bare_pipeline(modules, family)
 
     epoch = 0
 
@@ -237,8 +385,8 @@ def time_model(size_name: str, folder: str, work_dir: Path, args) -> dict:
 
     paths = {
         "monitor": run_monitor,
-        "example": lambda: example_validation(folder, modules[0], spec, args.device),
-        "bare": lambda: bare_render(bare, spec, args.batch_size),
+        "example": lambda: example_validation(folder, family, modules, spec, args.device, dtype, autocast),
+        "bare": lambda: bare_render(bare, family, spec, args.batch_size, autocast),
     }
 
     # Warm-up (untimed): the monitor's first call also renders and caches the base references.
@@ -259,19 +407,19 @@ def time_model(size_name: str, folder: str, work_dir: Path, args) -> dict:
     images, references = report.images, monitor.base_references()
     seeds = [p.seed for p in spec.prompts]
     parts = {
-        "example_load": lambda: _load_only(folder, modules[0], args.device),
+        "example_load": lambda: _load_only(folder, family, modules, args.device, dtype),
         "monitor_score": lambda: monitor.score(images, references),
         "monitor_save": lambda: monitor.record.save_previews(0, images, seeds),
     }
     part_times = {name: median([timed(args.device, fn)[0] for _ in range(args.repeats)]) for name, fn in parts.items()}
 
-    del monitor, bare, modules
+    del monitor, bare, modules, denoiser
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {
         "model": size_name,
-        "unet_params": unet_params,
+        "unet_params": denoiser_params,
         "resolution": resolution,
         "metrics": metrics,
         "times": times,
@@ -281,10 +429,8 @@ def time_model(size_name: str, folder: str, work_dir: Path, args) -> dict:
     }
 
 
-def _load_only(folder: str, unet, device: str) -> None:
-    from diffusers import DiffusionPipeline
-
-    pipeline = DiffusionPipeline.from_pretrained(folder, unet=unet).to(device)
+def _load_only(folder: str, family, modules: dict, device: str, dtype=None) -> None:
+    pipeline = example_pipeline(folder, family, modules, device, dtype)
     del pipeline
 
 
@@ -297,49 +443,125 @@ def rss_now_kib() -> int:
     return 0
 
 
+def encode_training_prompts(helper, family, prompts: list[str], device: str) -> dict:
+    """The training prompts through the family pipeline's encode_prompt (what the examples' own
+    encode_prompt computes), without CFG; Flux's text ids are zeros of the text length."""
+    import torch
+
+    parameters = inspect.signature(helper.encode_prompt).parameters
+    wanted = {"prompt": prompts, "prompt_2": None, "device": device, "num_images_per_prompt": 1, "do_classifier_free_guidance": False}
+    with torch.no_grad():
+        outputs = helper.encode_prompt(**{name: value for name, value in wanted.items() if name in parameters})
+    encoded = {name: value for name, value in zip(family.encode_outputs, outputs) if name is not None}
+    if family.name == "flux":
+        encoded["text_ids"] = torch.zeros(encoded["prompt_embeds"].shape[1], 3, device=device, dtype=encoded["prompt_embeds"].dtype)
+    return encoded
+
+
+def training_step(family, modules: dict, images, resolution: int, ids=None, helper=None, encoded=None):
+    """One training-like forward pass of the denoiser with its loss, as the family's example computes it:
+    noise prediction against DDPM noise for the UNets, flow matching (target noise - latents) for Flux."""
+    import torch
+    import torch.nn.functional as F
+
+    vae, denoiser, noise_scheduler = modules["vae"], modules[family.denoiser], modules["scheduler"]
+    batch, device = images.shape[0], images.device
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.sample()
+        if family.flow_matching:
+            latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        else:
+            latents = latents * vae.config.scaling_factor
+        if family.name == "sd":
+            condition = {"encoder_hidden_states": modules["text_encoder"](ids)[0]}
+        elif family.name == "sdxl":  # the SDXL example encodes every batch with both (frozen) text encoders
+            encoded = encode_training_prompts(helper, family, PROMPTS[:batch], device)
+            time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, device=device)
+            condition = {
+                "encoder_hidden_states": encoded["prompt_embeds"],
+                "added_cond_kwargs": {"text_embeds": encoded["pooled_prompt_embeds"], "time_ids": time_ids.to(encoded["prompt_embeds"].dtype)},
+            }
+    noise = torch.randn_like(latents)
+    if family.name == "flux":
+        from diffusers import FluxPipeline
+
+        _, channels, height, width = latents.shape
+        sigmas = torch.rand(batch, device=device)
+        noisy = (1.0 - sigmas.view(-1, 1, 1, 1)) * latents + sigmas.view(-1, 1, 1, 1) * noise
+        guidance = torch.full((batch,), 3.5, device=device) if denoiser.config.guidance_embeds else None
+        prediction = denoiser(
+            hidden_states=FluxPipeline._pack_latents(noisy, batch, channels, height, width),
+            timestep=sigmas,
+            guidance=guidance,
+            pooled_projections=encoded["pooled_prompt_embeds"],
+            encoder_hidden_states=encoded["prompt_embeds"],
+            txt_ids=encoded["text_ids"],
+            img_ids=FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, latents.dtype),
+            return_dict=False,
+        )[0]
+        target = FluxPipeline._pack_latents(noise - latents, batch, channels, height, width)
+    else:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), device=device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = denoiser(noisy, timesteps, **condition).sample
+        target = noise
+    return F.mse_loss(prediction.float(), target.float())
+
+
 def memory_child(args) -> None:
     """A short training-like run: load, add a LoRA, `train_steps` AdamW steps per epoch for
     `epochs` epochs, and at each epoch end nothing / the monitor / the example's validation.
     Prints one JSON line with the peaks."""
     import torch
-    import torch.nn.functional as F
+
+    from lora_monitor.families import get_family
 
     quiet_libraries()
     set_threads(args.threads)
-    device = args.device
+    family = get_family(args.family)
+    device, dtype, autocast = args.device, torch_dtype(args), precision(args)
     after_import_kib = rss_now_kib()
     folder = args.child_model_dir
-    resolution = RESOLUTION[args.child_size]
-    modules = load_training_modules(folder, device)
-    unet, vae, text_encoder, tokenizer, noise_scheduler = modules
-    spec = preview_spec(args.prompts, args.steps, resolution)
+    resolution = resolution_of(args.child_size, args)
+    modules = load_training_modules(folder, family, device, dtype)
+    spec = preview_spec(args.prompts, args.steps, resolution, family.name)
     monitor = None
     if args.child_mode == "monitor":
-        monitor, _ = build_monitor(modules, spec, args.child_output_dir, args.brisque, args.batch_size)
+        monitor, _ = build_monitor(
+            modules, family, spec, args.child_output_dir, args.brisque, args.batch_size, autocast=None if args.dtype == "float32" else autocast
+        )
+    batch = args.train_batch_size
+    ids = helper = encoded = None
+    if family.name == "sd":
+        tokenizer = modules["tokenizer"]
+        ids = tokenizer(
+            PROMPTS[:batch], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+    else:
+        helper = bare_pipeline(modules, family)
+        if EXAMPLES[family.name].reloads_encoders:  # encode the training prompts once, then free the text encoders
+            with autocast():
+                encoded = encode_training_prompts(helper, family, PROMPTS[:batch], device)
+            for name in family.encoder_names:
+                modules[name] = None
+            helper = None
+            gc.collect()
     if device.startswith("cuda"):
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     after_load_kib = rss_now_kib()
 
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    denoiser = modules[family.denoiser]
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    batch = args.train_batch_size
-    images = (torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(device)
-    ids = tokenizer(
-        PROMPTS[:batch], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    unet.train()
+    images = (torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1).to(device, modules["vae"].dtype)
+    denoiser.train()
     train_peak_cuda = 0
     for epoch in range(1, args.child_epochs + 1):
         for _ in range(args.child_train_steps):
-            with torch.no_grad():
-                latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
-                encoder_states = text_encoder(ids)[0]
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), device=device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            prediction = unet(noisy, timesteps, encoder_states).sample
-            loss = F.mse_loss(prediction.float(), noise.float())
+            with autocast():
+                loss = training_step(family, modules, images, resolution, ids=ids, helper=helper, encoded=encoded)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -348,7 +570,7 @@ def memory_child(args) -> None:
         if args.child_mode == "monitor":
             monitor.on_epoch_end(epoch, step=epoch * args.child_train_steps)
         elif args.child_mode == "example":
-            example_validation(folder, unet, spec, device)
+            example_validation(folder, family, modules, spec, device, dtype, autocast)
     result = {
         "mode": args.child_mode,
         "after_import_kib": after_import_kib,
@@ -357,6 +579,7 @@ def memory_child(args) -> None:
     }
     if device.startswith("cuda"):
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        result["train_peak_cuda_bytes"] = train_peak_cuda
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -367,13 +590,13 @@ def measure_memory(size_name: str, folder: str, work_dir: Path, args) -> dict:
         rotated = modes[round_index % len(modes) :] + modes[: round_index % len(modes)]
         for mode in rotated:
             command = [
-                sys.executable, os.path.abspath(__file__), "--device", args.device,
+                sys.executable, os.path.abspath(__file__), "--device", args.device, "--family", args.family, "--dtype", args.dtype,
                 "--prompts", str(args.prompts), "--steps", str(args.memory_steps), "--batch-size", str(args.batch_size),
                 "--train-batch-size", str(args.train_batch_size), "--threads", str(args.threads),
                 "--child-mode", mode, "--child-size", size_name, "--child-model-dir", folder,
                 "--child-output-dir", str(work_dir / f"memory-{size_name}-{mode}-{round_index}"),
                 "--child-epochs", str(args.child_epochs), "--child-train-steps", str(args.child_train_steps),
-            ] + (["--brisque"] if args.brisque else [])  # fmt: skip
+            ] + (["--brisque"] if args.brisque else []) + (["--resolution", str(args.resolution)] if args.resolution else [])  # fmt: skip
             completed = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
             if completed.returncode != 0 or not lines:
@@ -387,13 +610,31 @@ def median(values):
     return statistics.median(values)
 
 
+def settings_text(args) -> str:
+    """The render settings in the tables' titles; SD's read as they always have."""
+    from lora_monitor.families import get_family
+    from lora_monitor.render import default_sampler
+
+    family = get_family(args.family)
+    if family.name == "sd":
+        text = f"{args.prompts} prompts, {args.steps} DDIM steps, CFG {GUIDANCE_SCALE}"
+    else:
+        sampler = "DDIM" if default_sampler(family) == "ddim" else "flow-matching Euler"
+        guidance = f"CFG {family.cfg_default}" if not family.cfg_needs_negative else "no CFG"
+        if family.distilled_argument:
+            guidance = f"distilled guidance {family.distilled_default}, {guidance}"
+        text = f"{family.name}, {args.prompts} prompts, {args.steps} {sampler} steps, {guidance}"
+    return text + ("" if args.dtype == "float32" else f", {args.dtype}")
+
+
 def print_timing(results: list[dict], args) -> None:
     print()
     print(
-        f"Seconds per evaluation ({args.prompts} prompts, {args.steps} DDIM steps, CFG {GUIDANCE_SCALE}, batch {args.batch_size}, "
+        f"Seconds per evaluation ({settings_text(args)}, batch {args.batch_size}, "
         f"device {args.device}); median of {args.repeats} interleaved rounds after one warm call each [min-max]"
     )
-    header = f"{'model':<6} {'UNet':>6} {'px':>4} | {'(a) monitor':>20} {'(b) example':>20} {'(c) bare':>20} | {'a/b':>5} {'a/c':>5}"
+    label = "UNet" if args.family in ("sd", "sdxl") else "DiT"
+    header = f"{'model':<6} {label:>6} {'px':>4} | {'(a) monitor':>20} {'(b) example':>20} {'(c) bare':>20} | {'a/b':>5} {'a/c':>5}"
     print(header)
     print("-" * len(header))
     for result in results:
@@ -434,8 +675,9 @@ def print_timing(results: list[dict], args) -> None:
 
 def print_memory(results: list[dict], args) -> None:
     print()
+    family = "" if args.family == "sd" else f"{args.family}, "
     print(
-        f"Peak memory of a training-like child process ({args.child_epochs} epochs x {args.child_train_steps} AdamW steps, "
+        f"Peak memory of a training-like child process ({family}{args.child_epochs} epochs x {args.child_train_steps} AdamW steps, "
         f"train batch {args.train_batch_size}, evaluation of the same {args.prompts} previews at {args.memory_steps} step(s) at each "
         f"epoch end); median of {args.memory_repeats} run(s)"
     )
@@ -469,7 +711,18 @@ def parse_args(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", default="tiny,small", help="comma-separated, from: " + ", ".join(RESOLUTION))
+    parser.add_argument("--family", default="sd", choices=FAMILY_CHOICES, help="model family (default sd)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES,
+        help="weights of the frozen modules (the LoRA stays float32) and autocast of every render and training step; "
+        "default float32, bfloat16 as the examples train on a GPU",
+    )  # fmt: skip
+    parser.add_argument(
+        "--models", default="tiny,small",
+        help="comma-separated, from: tiny, small (lora_monitor.tiny), large (real widths, benchmarks/realistic_models.py; for a GPU)",
+    )  # fmt: skip
+    parser.add_argument("--resolution", type=int, default=None, help="preview side in px (default: tiny 64, small 128, large the family's own)")
+    parser.add_argument("--work-dir", default=None, help="where the temporary model folders go (default: the system's temporary folder)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per path (median reported)")
     parser.add_argument("--prompts", type=int, default=4, help=f"number of preview prompts (at most {len(PROMPTS)})")
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per preview in the timings")
@@ -506,6 +759,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.train_batch_size > len(PROMPTS):
         parser.error(f"--train-batch-size must be at most {len(PROMPTS)}, got {args.train_batch_size}")
+    if args.resolution is not None and args.resolution < 8:
+        parser.error(f"--resolution must be at least 8, got {args.resolution}")
     if args.threads is None:
         args.threads = 1 if args.device == "cpu" else 0
     args.model_list = models
@@ -513,25 +768,31 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    # Run from a checkout without installing: make `lora_monitor` importable from the repository root
+    # (and benchmarks/realistic_models.py from here), in this process and in the memory children.
+    root, here = Path(__file__).resolve().parents[1], Path(__file__).resolve().parent
+    for path in (str(here), str(root)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     args = parse_args(argv)
     if args.child_mode:
         memory_child(args)
         return
     import torch
 
-    # Run from a checkout without installing: make `lora_monitor` importable from the repository root.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))
     quiet_libraries()
     set_threads(args.threads)
-    from lora_monitor.tiny import save_tiny_pipeline
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}", flush=True)
     timing, memory = [], []
-    with tempfile.TemporaryDirectory(prefix="preview-overhead-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="preview-overhead-", dir=args.work_dir) as tmp:
         work_dir = Path(tmp)
         for size_name in args.model_list:
-            folder = str(save_tiny_pipeline(work_dir / f"{size_name}-sd", size=size_name))
+            started = time.perf_counter()
+            folder = save_model(size_name, args.family, work_dir, args)
+            if size_name == "large":
+                print(f"built {size_name} {args.family} in {time.perf_counter() - started:.0f} s", flush=True)
             started = time.perf_counter()
             timing.append(time_model(size_name, folder, work_dir, args))
             print(f"timed {size_name} in {time.perf_counter() - started:.0f} s", flush=True)
