@@ -43,6 +43,22 @@ def tiny_model(tmp_path_factory) -> str:
     return str(save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd"))
 
 
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """family -> a saved tiny model folder of that family (lora_monitor.tiny), built once per session on first use."""
+    from lora_monitor.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("family-models")
+    cache: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in cache:
+            cache[family] = str(save_tiny_pipeline(root / family, family=family))
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture
 def pipeline(tiny_model):
     """The tiny pipeline loaded with from_pretrained, with a peft LoRA on its UNet."""

@@ -29,20 +29,9 @@ PARAMS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def saved_models(tmp_path_factory):
-    """family -> a saved tiny model folder, built on first use."""
-    from lora_monitor.tiny import save_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("family-models")
-    cache: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in cache:
-            cache[family] = str(save_tiny_pipeline(root / family, family=family))
-        return cache[family]
-
-    return get
+@pytest.fixture
+def saved_models(family_models):
+    return family_models
 
 
 def load(saved_models, family: str, *, lora: bool = True, **lora_options):

@@ -180,21 +180,10 @@ def family_param(family: str):
 FAMILIES = ("sdxl", "sd3", "flux", "lumina")
 
 
-@pytest.fixture(scope="module")
-def family_model(tmp_path_factory):
-    """family -> a saved tiny diffusers model of that family (built once per module)."""
-    from lora_monitor.tiny import save_tiny_pipeline
-
-    folder = tmp_path_factory.mktemp("family-models")
-    cache: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in cache:
-            model_family = kohya_names.KOHYA_TRAINERS[family].model_family
-            cache[family] = str(save_tiny_pipeline(folder / model_family, family=model_family))
-        return cache[family]
-
-    return get
+@pytest.fixture
+def family_model(family_models):
+    """kohya --family -> a saved tiny diffusers model of that architecture (conftest's family_models)."""
+    return lambda family: family_models(kohya_names.KOHYA_TRAINERS[family].model_family)
 
 
 def sample_log(folder: Path) -> list[dict]:

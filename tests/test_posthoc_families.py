@@ -100,20 +100,10 @@ KOHYA_WRITERS = {"sdxl": kohya_sdxl_lora, "flux": kohya_flux_lora}
 
 
 # ----------------------------------------------------------------------------------- fixtures and helpers
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    """family -> a saved tiny base model folder, built on first use."""
-    from lora_monitor.tiny import save_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("posthoc-family-models")
-    cache: dict[str, str] = {}
-
-    def get(family: str) -> str:
-        if family not in cache:
-            cache[family] = str(save_tiny_pipeline(root / family, family=family))
-        return cache[family]
-
-    return get
+@pytest.fixture
+def bases(family_models):
+    """family -> a saved tiny base model folder (conftest's family_models)."""
+    return family_models
 
 
 def load(base: str):
@@ -152,8 +142,8 @@ def reference_render(pipe, family: str, scale: float | None = None) -> list[torc
     arguments[entry.cfg_argument] = entry.cfg_default
     if entry.distilled_argument:
         arguments[entry.distilled_argument] = entry.distilled_default
-    if not entry.cfg_needs_negative:
-        arguments["negative_prompt"] = [p.negative_prompt for p in spec.prompts]
+    if not entry.cfg_needs_negative and any(p.negative_prompt for p in spec.prompts):
+        arguments["negative_prompt"] = [p.negative_prompt for p in spec.prompts]  # none given: the plain call's default
     if scale is not None:
         key = "joint_attention_kwargs" if entry.denoiser == "transformer" else "cross_attention_kwargs"
         arguments[key] = {"scale": scale}
