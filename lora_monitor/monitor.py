@@ -20,7 +20,7 @@ from lora_monitor import export as exporting
 from lora_monitor.policy import BestEpochPolicy, Decision
 from lora_monitor.record import RunRecord, from_pil, save_png_atomic
 from lora_monitor.families import detect_family, get_family
-from lora_monitor.render import PreviewRenderer, preserved_rng_state
+from lora_monitor.render import PreviewOutOfMemoryError, PreviewRenderer, preserved_rng_state
 from lora_monitor.scoring import Scorer, get_scorer, score_images
 from lora_monitor.spec import PreviewSpec
 
@@ -346,12 +346,24 @@ class LoraMonitor:
             return None
         return self._render_and_evaluate(step, step)
 
-    def _render_and_evaluate(self, key: int, step: int | None) -> EpochReport:
+    def _render_and_evaluate(self, key: int, step: int | None) -> EpochReport | None:
+        """Render and evaluate; when even one preview at a time does not fit in device memory (on any rank),
+        every rank skips this evaluation with a warning instead of ending the training run."""
         if self.renderer is None:
             raise ValueError("this monitor has no diffusers modules to render with; call evaluate(epoch, images) instead")
-        references = self.base_references() if self.needs_references else None
-        indices = self._share()  # several processes: each renders and scores its share; see evaluate_shard
-        return self._evaluate_shards(key, indices, lambda: self.renderer.render(self.spec, indices), step, references)
+        try:
+            references = self.base_references() if self.needs_references else None
+            indices = self._share()  # several processes: each renders and scores its share; see evaluate_shard
+            return self._evaluate_shards(key, indices, lambda: self.renderer.render(self.spec, indices), step, references)
+        except (PreviewOutOfMemoryError, distributed.RankFailedError) as error:
+            if isinstance(error, distributed.RankFailedError) and not all(
+                text.startswith(PreviewOutOfMemoryError.__name__) for text in error.errors.values()
+            ):
+                raise
+            message = f"{self.unit} {key} was not evaluated: {error}; training goes on"
+            logger.warning(message)
+            self._warn_once("out-of-memory", message)
+            return None
 
     @property
     def has_base_references(self) -> bool:

@@ -384,7 +384,7 @@ class PreviewRenderer:
                         images[i] = image
                 except OUT_OF_MEMORY as error:
                     if len(batch) == 1:
-                        raise RuntimeError(
+                        raise PreviewOutOfMemoryError(
                             f"rendering one {spec.prompts[batch[0]].width}x{spec.prompts[batch[0]].height} preview ran out of device "
                             "memory; use smaller or fewer-step previews, or render less often"
                         ) from error
@@ -418,6 +418,10 @@ class PreviewRenderer:
 
 
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+
+
+class PreviewOutOfMemoryError(RuntimeError):
+    """Even one preview at a time does not fit in device memory (the monitor then skips that evaluation)."""
 
 
 def _empty_cache() -> None:

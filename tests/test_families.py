@@ -416,3 +416,21 @@ def test_a_scorer_that_seeds_and_draws_leaves_the_random_states_as_they_were(pip
     monitor.on_epoch_end(1)
     drawn = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(drawn[0], expected[0]) and np.array_equal(drawn[1], expected[1]) and drawn[2] == expected[2]
+
+
+def test_a_preview_that_never_fits_skips_that_evaluation_and_training_goes_on(pipeline, small_spec, tmp_path, monkeypatch):
+    """Simulated as above: every pipeline call raises torch's OOM error, as a GPU too full for even one preview would."""
+    from lora_monitor.render import OUT_OF_MEMORY
+
+    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    monitor.base_references()
+
+    def full(self, *args, **kwargs):
+        raise OUT_OF_MEMORY[0]("CUDA out of memory (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(monitor.renderer.pipeline), "__call__", full)
+        with pytest.warns(RuntimeWarning, match=r"epoch 1 was not evaluated: rendering one 64x64 preview ran out of device memory.*training goes on"):
+            assert monitor.on_epoch_end(1) is None
+    assert monitor.policy.history == [] and not (tmp_path / "best").exists() and read_scores(tmp_path) == []
+    assert monitor.on_epoch_end(2).is_best, "the next evaluation runs as usual"
