@@ -382,8 +382,10 @@ class LoraMonitor:
         images = list(images)
         if len(images) != len(self.spec):
             raise ValueError(f"got {len(images)} images for {self.unit} {epoch}, but the spec has {len(self.spec)} preview prompts")
+        images = self._checked_images(epoch, range(len(images)), images)
         if references is None and self.needs_references:
             references = self.base_references()
+        self._check_sizes(epoch, range(len(images)), images, references)
         self._warn_non_finite(epoch, images)
         scores = self.score(images, references)
         return self._decide(epoch, step, images, scores)
@@ -406,7 +408,42 @@ class LoraMonitor:
         images = list(images)
         if len(indices) != len(images):
             raise ValueError(f"{self.unit} {epoch}: got {len(images)} images for {len(indices)} preview indices {indices}")
+        images = self._checked_images(epoch, indices, images)
+        if references is not None:
+            self._check_sizes(epoch, indices, images, references)
         return self._evaluate_shards(epoch, indices, lambda: images, step, references)
+
+    def _checked_images(self, epoch: int, indices: Sequence[int], images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Images given to evaluate(): (3, H, W) RGB, float in [0, 1] (NaN allowed: a diverged run) or uint8
+        (scaled to [0, 1]); anything else is refused before the policy, the record or an export changes."""
+        checked = []
+        for index, image in zip(indices, images):
+            where = f"{self.unit} {epoch}, preview {index}"
+            if not isinstance(image, torch.Tensor):
+                raise TypeError(f"{where}: expected a torch.Tensor of shape (3, H, W), got {type(image).__name__}")
+            if image.dim() != 3 or image.shape[0] != 3 or image.numel() == 0:
+                raise ValueError(
+                    f"{where}: shape {tuple(image.shape)}; expected (3, H, W): RGB, channels first, one image (no batch dimension)"
+                )
+            if image.dtype == torch.uint8:
+                image = image.float() / 255
+            elif not image.is_floating_point():
+                raise ValueError(f"{where}: dtype {image.dtype}; expected floats in [0, 1] or uint8 in [0, 255]")
+            finite = image[torch.isfinite(image)]
+            if finite.numel() and (finite.min() < -1e-3 or finite.max() > 1 + 1e-3):
+                hint = " (a [-1, 1] image? pass (image + 1) / 2)" if finite.min() < 0 else " (0-255 values? pass image / 255)"
+                raise ValueError(f"{where}: values from {finite.min().item():.3g} to {finite.max().item():.3g}; expected [0, 1]{hint}")
+            checked.append(image)
+        return checked
+
+    def _check_sizes(self, epoch: int, indices: Sequence[int], images: Sequence[torch.Tensor], references: Sequence[torch.Tensor] | None) -> None:
+        """Each preview must have its base reference's size (SSIM compares them pixel for pixel)."""
+        for index, image in zip(indices, images):
+            if references is not None and tuple(image.shape) != tuple(references[index].shape):
+                raise ValueError(
+                    f"{self.unit} {epoch}, preview {index}: shape {tuple(image.shape)}, but its base reference is "
+                    f"{tuple(references[index].shape)}; render previews and base at the same size"
+                )
 
     def _evaluate_shards(
         self,

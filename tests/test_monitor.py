@@ -232,3 +232,32 @@ def test_prompt_file_spec_loads_through_the_monitor(pipeline, tmp_path):
     prompt = monitor.spec.prompts[0]
     assert (prompt.prompt, prompt.seed, prompt.steps, prompt.guidance_scale, prompt.negative_prompt) == ("a red circle", 5, 2, 6.5, "blurry")
     assert json.loads(json.dumps(monitor.spec.to_dict())) == monitor.spec.to_dict()
+
+
+@pytest.mark.parametrize(
+    "bad,pattern",
+    [
+        (torch.rand(1, 64, 64), r"epoch 1, preview 0: shape \(1, 64, 64\); expected \(3, H, W\)"),
+        (torch.rand(1, 3, 64, 64), r"epoch 1, preview 0: shape \(1, 3, 64, 64\); expected \(3, H, W\).*no batch dimension"),
+        (torch.rand(3, 0, 64), r"epoch 1, preview 0: shape \(3, 0, 64\)"),
+        (torch.randint(0, 255, (3, 64, 64), dtype=torch.int32), r"dtype torch.int32; expected floats in \[0, 1\] or uint8"),
+        (torch.rand(3, 64, 64) * 2 - 1, r"values from -.* expected \[0, 1\] \(a \[-1, 1\] image\? pass \(image \+ 1\) / 2\)"),
+        (torch.rand(3, 32, 32), r"epoch 1, preview 0: shape \(3, 32, 32\), but its base reference is \(3, 64, 64\)"),
+    ],
+)
+def test_evaluate_refuses_bad_images_before_anything_changes(pipeline, small_spec, tmp_path, bad, pattern):
+    monitor = make_monitor(pipeline, small_spec, tmp_path)
+    monitor.base_references()
+    good = torch.rand(3, 64, 64)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        monitor.evaluate(1, [bad, good])
+    assert monitor.policy.history == [] and read_scores(tmp_path) == [] and not (tmp_path / "best").exists()
+    assert not (tmp_path / "previews" / "epoch-0001").exists()
+
+
+def test_evaluate_takes_uint8_images_as_0_to_255(pipeline, small_spec, tmp_path):
+    monitor = make_monitor(pipeline, small_spec, tmp_path)
+    base = monitor.base_references()
+    as_uint8 = [torch.round(image * 255).to(torch.uint8) for image in base]
+    report = monitor.evaluate(1, as_uint8)
+    assert report.scores["ssim"] == pytest.approx([1.0, 1.0], abs=1e-6), "uint8 base images must score as the base itself"
