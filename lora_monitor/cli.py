@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--output-dir", default="demo-output", help="where the model, data, previews and best LoRA go (default: demo-output)")
-    demo.add_argument("--epochs", type=int, default=8, help="epochs to train at most (default: 8)")
+    demo.add_argument("--epochs", type=_at_least_one, default=8, help="epochs to train at most, at least 1 (default: 8)")
     demo.add_argument("--patience", type=int, default=3, help="stop after this many evaluations without improvement (default: 3)")
     demo.add_argument("--metric", default="brisque", help="the metric that picks the best epoch (default: brisque)")
     demo.add_argument("--report-to", default="none", choices=["none", "wandb", "tensorboard", "all"], help="accelerate trackers to log to")
@@ -55,12 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _at_least_one(text: str) -> int:
+    """--epochs: a whole number, at least 1; else argparse's message (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1 (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """--output-dir must be (or be creatable as) a directory: a file there, or above it, is a message."""
+    for path in (output_dir, *output_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == output_dir else f"cannot be made: {path} is a file"
+                raise ValueError(f"--output-dir {output_dir} {what}, not a directory; choose another --output-dir")
+            return
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    output_dir = Path(args.output_dir).resolve()
+    _check_output_dir(output_dir)  # before the (slow) imports
     from lora_monitor.demo import TrainConfig, train, write_synthetic_dataset
     from lora_monitor.integrations.trackers import listeners_for
     from lora_monitor.tiny import save_tiny_pipeline
 
-    output_dir = Path(args.output_dir).resolve()
     metrics = tuple(dict.fromkeys([args.metric, "brisque", "ssim"]))
     print(f"lora-monitor demo: everything goes to {output_dir}")
     model = save_tiny_pipeline(output_dir / "tiny-sd")
@@ -114,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
+    except OSError as error:  # e.g. an --output-dir that cannot be written: a message, not a traceback
+        print(f"lora-monitor {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

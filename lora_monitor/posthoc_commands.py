@@ -14,6 +14,7 @@ import warnings
 
 from lora_monitor.families import FAMILIES
 from lora_monitor.posthoc import RESIZE_RULE
+from lora_monitor.posthoc.candidates import MAX_STRENGTHS
 from lora_monitor.posthoc.checkpoints import families_help
 
 COMMON_EPILOG = f"""\
@@ -130,7 +131,11 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     source.add_argument("--prompts", metavar="FILE", help="preview prompts (kohya .txt with --n --w --h --d --s --l, or .toml/.json); with images, only labels")
     source.add_argument("--prompt", action="append", metavar="TEXT", help="a preview prompt (repeatable), instead of --prompts")
     if kind in ("strength", "grid"):
-        source.add_argument("--strengths", help="START:STOP:STEP (STOP included) or a list 0,0.5,1; renders default to 0:1.5:0.1, images to all found")
+        source.add_argument(
+            "--strengths",
+            help=f"START:STOP:STEP (STOP included) or a list 0,0.5,1; finite values, at most {MAX_STRENGTHS} of them; "
+                 "renders default to 0:1.5:0.1, images to all found",
+        )
     if kind in ("epochs", "grid"):
         source.add_argument("--final-epoch", type=int, metavar="N", help="epoch of the final {name}.safetensors when its metadata has no ss_epoch")
         source.add_argument("--name", help="only checkpoints of this kohya output name (a folder may hold several runs)")
@@ -151,7 +156,7 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
              "SD 1.x/2.x and SDXL (default: the family's: ddim for those, the model's own flow-matching scheduler for the others)",
     )
     render.add_argument("--batch-size", type=int, default=4, help="previews per pipeline call (default: 4)")
-    render.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    render.add_argument("--device", default=None, help="torch device: cpu, cuda[:N] or mps where this machine has it (default: cuda if available, else cpu)")
     render.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model precision (default: float32)")
 
     policy = parser.add_argument_group("scoring and policy (the in-training monitor's)")
@@ -208,10 +213,14 @@ def analyse_args(args: argparse.Namespace):
 
     kind = args.posthoc_kind
     progress = not args.no_progress
+    strengths = posthoc.parse_strengths(args.strengths or "0:1.5:0.1") if kind in ("strength", "grid") else None
+    if args.device is not None:
+        from lora_monitor.scoring.commands import check_device
+
+        check_device(args.device)
     spec = _spec(args)
     bounds = _bounds(args.bound)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] + list(bounds)
-    strengths = posthoc.parse_strengths(args.strengths or "0:1.5:0.1") if kind in ("strength", "grid") else None
     skipped: list[tuple[str, str]] = []
     notes: list[str] = []
     if getattr(args, "family", None) and not args.base:

@@ -49,21 +49,33 @@ def format_strength(value: float) -> str:
     return f"{value:g}"
 
 
+#: At most this many strengths: more than anyone means, and 0:1e9:1e-9 would otherwise fill the memory.
+MAX_STRENGTHS = 1000
+
+
 def parse_strengths(text: str) -> list[float]:
-    """'0:1.5:0.1' (start:stop:step, stop included) or '0,0.5,1' -> sorted, rounded strengths."""
+    """'0:1.5:0.1' (start:stop:step, stop included) or '0,0.5,1' -> sorted, rounded strengths: finite values,
+    at most MAX_STRENGTHS of them (a range is counted before it is expanded)."""
     text = text.strip()
+    usage = f"--strengths {text!r}: give START:STOP:STEP (e.g. 0:1.5:0.1, STOP included, STEP > 0) or a list like 0,0.5,1"
     try:
-        if ":" in text:
-            parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
-                raise ValueError
-            start, stop, step = parts
-            count = int(math.floor((stop - start) / step + 1e-9)) + 1
-            values = [round(start + i * step, 10) for i in range(count)]
-        else:
-            values = [float(p) for p in text.split(",") if p.strip()]
+        parts = [float(p) for p in (text.split(":") if ":" in text else text.split(",")) if p.strip()]
     except ValueError:
-        raise PosthocError(f"--strengths {text!r}: give START:STOP:STEP (e.g. 0:1.5:0.1, STOP included, STEP > 0) or a list like 0,0.5,1") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise PosthocError(f"--strengths {text!r}: no finite strengths")
+        raise PosthocError(usage) from None
+    if not all(math.isfinite(v) for v in parts):
+        raise PosthocError(f"--strengths {text!r}: every value must be a finite number (no inf or nan)")
+    if ":" in text:
+        if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+            raise PosthocError(usage)
+        start, stop, step = parts
+        steps = (stop - start) / step  # inf when it overflows (0:1e308:1e-308)
+        count = math.floor(steps + 1e-9) + 1 if math.isfinite(steps) else math.inf
+    else:
+        count = len(parts)
+    if count > MAX_STRENGTHS:
+        shown = f"{count:.6g}" if math.isfinite(count) else "too many"
+        raise PosthocError(f"--strengths {text!r}: {shown} strengths, at most {MAX_STRENGTHS} allowed; use a larger STEP or fewer values")
+    values = [round(start + i * step, 10) for i in range(count)] if ":" in text else parts
+    if not values:
+        raise PosthocError(usage)
     return sorted(set(values))

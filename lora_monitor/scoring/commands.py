@@ -62,7 +62,7 @@ def register(subparsers) -> None:
     )
     score.add_argument("--ref", metavar="IMAGE_OR_DIR", help="reference image, or directory with same-named files")
     score.add_argument("--json", action="store_true", help="print a JSON list of {file, metric, score}")
-    score.add_argument("--device", default="cpu", help="torch device to score on (default: cpu)")
+    score.add_argument("--device", default="cpu", help="torch device to score on: cpu, cuda[:N] or mps where this machine has it (default: cpu)")
     score.add_argument("--model", metavar="FILE", help="BRISQUE SVR model file (default: resolved as `models` does)")
     score.set_defaults(func=run_score)
 
@@ -105,6 +105,42 @@ def load_image(path: Path) -> torch.Tensor:
     return read_image(path).unsqueeze(0)
 
 
+def available_devices() -> list[str]:
+    """The torch device types this machine can use: cpu, and cuda / mps where available."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(name: str, option: str = "--device") -> str:
+    """`name` if this machine has that torch device, else a ValueError naming it and what is available.
+
+    Shared by `score` and the post-hoc commands, so a bad --device fails before anything is loaded.
+    """
+    available = available_devices()
+    listed = ", ".join(available)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{option} {name!r}: not a torch device; available here: {listed}") from None
+    if device.type not in available:
+        if device.type in ("cuda", "mps"):
+            reason = f"{device.type.upper() if device.type == 'cuda' else 'MPS'} is not available on this machine"
+        else:
+            reason = "not a device lora-monitor can use"
+        raise ValueError(f"{option} {name!r}: {reason}; available here: {listed}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"{option} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 to "
+            f"cuda:{torch.cuda.device_count() - 1}); available here: {listed}"
+        )
+    return name
+
+
 def _reference_for(image_path: Path, ref: Path) -> Path:
     if ref.is_dir():
         candidate = ref / image_path.name
@@ -119,6 +155,7 @@ def run_score(args: argparse.Namespace) -> int:
     from lora_monitor.scoring.scorers import get_scorer
 
     try:
+        check_device(args.device)
         files = _expand(args.inputs)
         ref = Path(args.ref) if args.ref else None
         if ref is not None and not ref.exists():
