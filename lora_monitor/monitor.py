@@ -223,7 +223,18 @@ class LoraMonitor:
 
     # ----------------------------------------------------------------- wiring
     def attach(self, accelerator) -> "LoraMonitor":
-        """Join the Accelerator's checkpoints (save_state/load_state) and use its mixed-precision autocast."""
+        """Join the Accelerator's checkpoints (save_state/load_state) and use its mixed-precision autocast.
+        FSDP and DeepSpeed ZeRO-3 shard the parameters across ranks: rendering would see only a shard, so
+        they are refused here, before training starts."""
+        if self.renderer is not None:
+            kind = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
+            plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+            if kind == "FSDP" or (kind == "DEEPSPEED" and getattr(plugin, "zero_stage", None) == 3):
+                what = "FSDP" if kind == "FSDP" else "DeepSpeed ZeRO stage 3"
+                raise ValueError(
+                    f"{what} shards the model's parameters across ranks, so the monitor cannot render previews with them; "
+                    "train the LoRA with DDP (accelerate's multi_gpu) or ZeRO stage 1/2, or render elsewhere and call evaluate()"
+                )
         self.accelerator = accelerator
         if self.renderer is not None:
             self.renderer.autocast = accelerator.autocast

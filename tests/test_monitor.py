@@ -261,3 +261,23 @@ def test_evaluate_takes_uint8_images_as_0_to_255(pipeline, small_spec, tmp_path)
     as_uint8 = [torch.round(image * 255).to(torch.uint8) for image in base]
     report = monitor.evaluate(1, as_uint8)
     assert report.scores["ssim"] == pytest.approx([1.0, 1.0], abs=1e-6), "uint8 base images must score as the base itself"
+
+
+@pytest.mark.parametrize("kind,stage,refused", [("FSDP", None, "FSDP"), ("DEEPSPEED", 3, "DeepSpeed ZeRO stage 3"), ("DEEPSPEED", 2, None)])
+def test_attach_refuses_sharded_parameters(pipeline, small_spec, tmp_path, kind, stage, refused):
+    """FSDP and ZeRO-3 cannot run on this CPU machine: a stand-in Accelerator says which one it would be."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    accelerator = SimpleNamespace(
+        distributed_type=getattr(DistributedType, kind), state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)),
+        autocast=None, register_for_checkpointing=lambda obj: None, is_main_process=True,
+    )
+    monitor = make_monitor(pipeline, small_spec, tmp_path)
+    if refused:
+        with pytest.raises(ValueError, match=rf"{refused} shards the model's parameters across ranks.*train the LoRA with DDP"):
+            monitor.attach(accelerator)
+        assert monitor.accelerator is None
+    else:
+        assert monitor.attach(accelerator).accelerator is accelerator
