@@ -6,11 +6,13 @@ two renames (old -> .previous, new -> final); `recover` undoes a crash between t
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,38 +48,48 @@ def json_safe(value: Any) -> Any:
 
 
 def recover(folder: Path) -> None:
-    """Finish or undo an interrupted replacement of `folder` (see module docstring)."""
-    previous = folder.with_name(folder.name + ".previous")
-    if previous.exists():
-        if folder.exists():
-            shutil.rmtree(previous)
+    """Finish or undo an interrupted replacement of `folder` (see module docstring), then remove stale
+    temporary folders. A symbolic link in the way (`folder`, `<folder>.previous`, a stale temporary name)
+    is itself removed or renamed, never followed: whatever it points at is left alone. Removing leftovers
+    is best-effort: what cannot be removed is named in one RuntimeWarning and left for the next call."""
+    folder = Path(folder)
+    previous = _previous(folder)
+    leftovers = []
+    if _present(previous):
+        if _present(folder):
+            leftovers.append(previous)  # crash after new -> folder: the old one is garbage
         else:
-            previous.rename(folder)
-    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+            previous.rename(folder)  # crash between the renames: put the old one back (a link moves as a link)
+    _remove_best_effort(leftovers + _stale(folder))
 
 
 def export_checkpoint(folder: Path, write_weights: WeightsWriter, sidecar: dict[str, Any]) -> Path:
     """Write a checkpoint folder atomically: `write_weights(tmp)` fills a temporary folder, the sidecar is
-    added, then the folder replaces `folder`. If anything fails, `folder` is left untouched."""
+    added, then the folder replaces `folder`. If anything fails, `folder` is left untouched.
+
+    If `folder` is a symbolic link, the link is replaced by a real folder; its target is not touched.
+    Once the new folder is in place, the export has succeeded: removing the old one is best-effort and
+    warns (RuntimeWarning) rather than raising."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover(folder)
+    previous = _previous(folder)
+    if _present(previous):  # recover could not remove it: move it out of the way so the swap can proceed
+        _set_aside(previous, folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         write_weights(tmp)
         write_json_atomic(tmp / SIDECAR, sidecar)
         _fsync_tree(tmp)
-        previous = folder.with_name(folder.name + ".previous")
-        if folder.exists():
-            folder.rename(previous)
+        if _present(folder):
+            folder.rename(previous)  # rename moves a symbolic link itself, not its target
         tmp.rename(folder)
-        if previous.exists():
-            shutil.rmtree(previous)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         recover(folder)
         raise
+    _fsync_dir(folder.parent)  # make both renames durable
+    _remove_best_effort([previous] + _stale(folder))
     return folder
 
 
@@ -129,14 +141,89 @@ def diffusers_lora_writer(unet, text_encoder=None) -> WeightsWriter:
 
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
-        if path.is_file():
+        if path.is_file() and not path.is_symlink():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+        elif path.is_dir() and not path.is_symlink():
+            _fsync_dir(path)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a folder, so renames and new entries in it survive a power loss. Skipped where the platform
+    cannot open or fsync a folder (Windows, some file systems); any other failure is a RuntimeWarning."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # a folder cannot be opened here (e.g. Windows)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in _FSYNC_UNSUPPORTED:
+            warnings.warn(f"lora-monitor could not fsync folder {folder}: {error}", RuntimeWarning, stacklevel=3)
+    finally:
+        os.close(fd)
+
+
+_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, errno.EACCES, errno.EPERM, errno.EISDIR,
+                      getattr(errno, "ENOTSUP", errno.EINVAL), getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
 
 
 def remove_checkpoint(folder: Path) -> None:
-    """Delete an exported folder (a top-k entry pushed out by a better epoch)."""
-    if folder.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        folder.rename(trash / folder.name)
-        shutil.rmtree(trash)
+    """Delete an exported folder (a top-k entry pushed out by a better epoch). A symbolic link is removed
+    itself; its target is not touched. Once the folder is out of the way (renamed to a temporary name),
+    deleting its contents is best-effort: a failure is a RuntimeWarning, not an error."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        folder.unlink()
+        _fsync_dir(folder.parent)
+    elif _present(folder):
+        trash = _set_aside(folder, folder)
+        _fsync_dir(folder.parent)
+        _remove_best_effort([trash])
+
+
+def _previous(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".previous")
+
+
+def _stale(folder: Path) -> list[Path]:
+    return sorted(folder.parent.glob(f".{folder.name}.tmp-*"))
+
+
+def _present(path: Path) -> bool:
+    """True for anything at `path`, a dangling symbolic link included (`Path.exists` follows links)."""
+    return os.path.lexists(path)
+
+
+def _set_aside(path: Path, folder: Path) -> Path:
+    """Rename `path` into a new temporary folder beside `folder` (a name `recover` cleans up); returns that folder."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        path.rename(trash / path.name)
+    except BaseException:
+        trash.rmdir()
+        raise
+    return trash
+
+
+def _delete(path: Path) -> None:
+    """Remove `path`: a symbolic link (to a folder, or dangling) or a file is unlinked, never followed;
+    a real folder is removed with its contents. Nothing there is not an error."""
+    if path.is_symlink() or (_present(path) and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _remove_best_effort(paths: list[Path]) -> None:
+    """Delete each of `paths`; what cannot be deleted is named, with the reason, in one RuntimeWarning."""
+    failures = []
+    for path in paths:
+        try:
+            _delete(path)
+        except OSError as error:
+            failures.append(f"{path} ({error})")
+    if failures:
+        warnings.warn("lora-monitor could not remove " + "; ".join(failures)
+                      + "; left in place, the next export retries", RuntimeWarning, stacklevel=3)
