@@ -57,6 +57,10 @@ class EpochReport:
         return self.decision.should_stop
 
 
+class RecordWriteError(OSError):
+    """Writing an evaluation's previews, export or score line failed; the message says what was kept."""
+
+
 class Listener(Protocol):
     """Receives results as they happen (trackers, progress tables). Every method is optional."""
 
@@ -517,15 +521,36 @@ class LoraMonitor:
             )
 
     def _decide(self, epoch: int, step: int | None, images: list[torch.Tensor], scores: dict[str, list[float]]) -> EpochReport:
-        """Update the policy with the epoch's scores; the main process records, exports and tells the listeners."""
+        """Update the policy with the epoch's scores; the main process records, exports and tells the listeners.
+
+        If writing the previews or the export fails (disk full, read-only), the policy and the top-k list go
+        back to before this evaluation, so they never name a best whose weights were not written, and the
+        error says what best/ still holds. If only the score line cannot be appended, best/ and the policy
+        agree and the error says the line is missing."""
+        policy_before, top_k_before = self.policy.state_dict(), list(self.top_k_epochs)
         decision = self.policy.update(epoch, scores, step=step)
         result = self.policy.history[-1]
         report = EpochReport(epoch, step, images, scores, decision, aggregates=dict(result.aggregates), unit=self.unit)
         if self.is_main_process:
-            report.preview_paths = self.record.save_previews(epoch, images, [p.seed for p in self.spec.prompts], unit=self.unit)
-            if self.export:
-                report.exported = self._export(report)
-            self.record.append_scores(self._score_line(report))
+            try:
+                report.preview_paths = self.record.save_previews(epoch, images, [p.seed for p in self.spec.prompts], unit=self.unit)
+                if self.export:
+                    report.exported = self._export(report)
+            except Exception as error:
+                self.policy.load_state_dict(policy_before)
+                self.top_k_epochs = top_k_before
+                kept = f"{self.unit} {self.policy.best_epoch}" if self.policy.best_epoch is not None else "nothing yet"
+                raise RecordWriteError(
+                    f"{report.label} was not recorded: {type(error).__name__}: {error}. The policy is as it was before {report.label}, "
+                    f"and best/ still holds {kept}; free the space (or fix the folder) and evaluate {report.label} again"
+                ) from error
+            try:
+                self.record.append_scores(self._score_line(report))
+            except Exception as error:
+                raise RecordWriteError(
+                    f"{report.label}: {type(error).__name__}: {error} while appending its line to {self.record.scores_path}; "
+                    f"the policy and best/ include {report.label}, the scores file does not"
+                ) from error
             logger.info("%s: %s", report.label, decision.reason)
             self._notify("on_evaluation", report)
         return report

@@ -281,3 +281,30 @@ def test_attach_refuses_sharded_parameters(pipeline, small_spec, tmp_path, kind,
         assert monitor.accelerator is None
     else:
         assert monitor.attach(accelerator).accelerator is accelerator
+
+
+def test_a_failed_export_leaves_policy_best_and_record_in_agreement(pipeline, small_spec, tmp_path, monkeypatch):
+    import errno
+
+    from lora_monitor.monitor import RecordWriteError
+
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], monitor="brightness")
+    scripted = iter([0.5, 0.2, 0.2])  # epoch 2 would be the new best
+    monkeypatch.setattr(Lowest, "__call__", lambda self, images, reference=None: torch.full((images.shape[0],), next(scripted)))
+    assert monitor.on_epoch_end(1).is_best
+    before = (tmp_path / "best" / "pytorch_lora_weights.safetensors").read_bytes()
+
+    def full_disk(folder, write_weights, sidecar):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(exporting, "export_checkpoint", full_disk)
+        with pytest.raises(RecordWriteError, match=r"epoch 2 was not recorded: OSError: .*No space left on device.*best/ still holds epoch 1"):
+            monitor.on_epoch_end(2)
+    assert [r.epoch for r in monitor.policy.history] == [1] and monitor.best_epoch == 1
+    assert exporting.read_sidecar(tmp_path / "best")["epoch"] == 1
+    assert (tmp_path / "best" / "pytorch_lora_weights.safetensors").read_bytes() == before
+    assert [line["epoch"] for line in read_scores(tmp_path)] == [1]
+    report = monitor.on_epoch_end(2)  # space freed: the same epoch again
+    assert report.is_best and exporting.read_sidecar(tmp_path / "best")["epoch"] == 2
+    assert [line["epoch"] for line in read_scores(tmp_path)] == [1, 2]
