@@ -3,9 +3,10 @@
 The renderer wraps the training denoiser (UNet or transformer), VAE, text encoders and tokenizers in
 the diffusers pipeline of their family (see families.py): a pipeline holds references to its
 modules, so nothing is loaded or copied. Only the sampler is its own (a new scheduler from the
-training scheduler's config), so rendering never changes the scheduler the training loop uses. Every render runs in eval mode under no_grad, with one CPU
-torch.Generator per image, and puts back the modules' train/eval flags, the grad mode and the
-global RNG states (python, numpy, torch CPU and CUDA) afterwards.
+training scheduler's config), so rendering never changes the scheduler the training loop uses.
+Every render runs in eval mode under no_grad, with one CPU torch.Generator per image, and puts
+back the modules' train/eval flags, the grad mode and the global RNG states (python, numpy,
+torch CPU and CUDA) afterwards.
 """
 from __future__ import annotations
 
