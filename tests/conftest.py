@@ -72,11 +72,11 @@ def pipeline(tiny_model):
     return pipe
 
 
-def nudge_lora(unet: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
-    """Move the LoRA weights as a training step would, deterministically."""
+def nudge_lora(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
+    """Move the LoRA weights of `module` (a UNet, transformer or text encoder) as a training step would, deterministically."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in unet.named_parameters():
+        for name, parameter in module.named_parameters():
             if "lora_B" in name:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 

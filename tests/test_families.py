@@ -12,6 +12,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import nudge_lora
 from peft import LoraConfig
 
 from lora_monitor import export as exporting
@@ -66,15 +67,6 @@ def spec_for(family: str, **overrides) -> PreviewSpec:
     return PreviewSpec.from_prompts(["a red circle", "a blue square on grass"], **options)
 
 
-def nudge(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
-    """Move the LoRA weights as a training step would, deterministically."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if "lora_B" in name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
-
-
 def monitor_for(pipe, family, output_dir, spec=None, **kwargs) -> LoraMonitor:
     options = dict(metrics=("ssim",), monitor="ssim", spec=spec or spec_for(family), output_dir=output_dir)
     options.update(kwargs)
@@ -86,7 +78,7 @@ def test_previews_equal_a_fresh_pipeline_of_the_family_loading_the_export(family
     pipe = load(saved_models, family)
     monitor = monitor_for(pipe, family, tmp_path)
     assert monitor.family.name == family
-    nudge(denoiser(pipe), seed=1)
+    nudge_lora(denoiser(pipe), seed=1)
     report = monitor.on_epoch_end(1)
     assert report.is_best and report.exported == tmp_path / "best"
 
@@ -192,7 +184,7 @@ def test_a_frozen_text_encoder_lora_stays_frozen_and_is_switched_off_for_the_bas
     assert monitor.renderer.live_encoders == ["text_encoder"]
     base = monitor.base_references()
     assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
-    nudge(pipe.text_encoder, seed=3, scale=2.0)  # only the text encoder's LoRA moves
+    nudge_lora(pipe.text_encoder, seed=3, scale=2.0)  # only the text encoder's LoRA moves
     report = monitor.on_epoch_end(1)
     assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(base, report.images)), "a text-encoder LoRA must be re-encoded"
     assert exporting.read_sidecar(tmp_path / "best")["epoch"] == 1
@@ -215,7 +207,7 @@ def test_the_monitor_works_after_the_loop_deleted_its_text_encoders(family, save
     del components
     gc.collect()
     assert all(ref() is None for ref in encoders), "the monitor still holds a text encoder the loop deleted"
-    nudge(denoiser(pipe), seed=2)
+    nudge_lora(denoiser(pipe), seed=2)
     report = monitor.on_epoch_end(1)
     assert all(torch.isfinite(image).all() for image in report.images)
     assert monitor.has_base_references and (tmp_path / "best").is_dir()
@@ -238,7 +230,7 @@ def test_a_step_based_run_picks_exports_and_resumes_by_step(saved_models, tmp_pa
     monitor = build(tmp_path, pipe)
     assert monitor.on_epoch_end(1) is None, "a step-based monitor does not evaluate at epoch ends"
     for step in range(1, 21):
-        nudge(denoiser(pipe), seed=step, scale=0.01)
+        nudge_lora(denoiser(pipe), seed=step, scale=0.01)
         monitor.on_step_end(step)
     assert monitor.best_epoch == 20 and monitor.policy.best_step == 20
     sidecar = exporting.read_sidecar(tmp_path / "best")
