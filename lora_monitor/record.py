@@ -32,16 +32,25 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def from_pil(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float32 in [0, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    """PIL image -> (3, H, W) float32 in [0, 1]. 16-bit and 32-bit greyscale ("I;16", "I") are scaled from
+    their own range (0..65535), not clipped at 255 as PIL's conversion to RGB would."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(image, dtype=np.float64) / 65535.0
+        array = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2).astype(np.float32)
+    else:
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """An image file as (3, H, W) float32 in [0, 1]; OSError/ValueError for unreadable or truncated files."""
-    with Image.open(path) as image:
-        image.load()  # decodes everything: a truncated file fails here, not later
-        return from_pil(image)
+    """An image file as (3, H, W) float32 in [0, 1]; OSError/ValueError for unreadable or truncated files,
+    and a ValueError naming the file for one whose header claims more pixels than PIL's safety limit."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes everything: a truncated file fails here, not later
+            return from_pil(image)
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path}: refused as a decompression bomb ({error})") from None
 
 
 def save_png_atomic(image: torch.Tensor, path: Path) -> None:

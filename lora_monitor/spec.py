@@ -306,7 +306,14 @@ class PreviewSpec:
         except ValueError as error:
             raise ValueError(f"invalid default passed to PreviewSpec.load: {error}") from None
         seed = _as_int("seed", seed)
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            line = raw[: error.start].count(b"\n") + 1
+            raise ValueError(
+                f"{path}:{line}: not UTF-8 (byte {raw[error.start]:#04x} at offset {error.start}); save the prompt file as UTF-8"
+            ) from None
         if suffix == ".txt":
             prompts = _parse_txt(path, text, seed, defaults)
         elif suffix == ".json":
@@ -433,6 +440,8 @@ def _parse_json(path: Path, text: str, seed: int, defaults: dict[str, Any]) -> l
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: invalid JSON in preview prompt file: {error.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to be a preview prompt file (a list of prompt objects or lines)") from None
     keys = _ENTRY_KEYS
     if isinstance(data, Mapping) and set(data) == {"prompts"}:
         data = data["prompts"]  # PreviewSpec.to_dict() output: our field names

@@ -378,3 +378,16 @@ def test_batches_ignore_seed_and_negative_prompt():
 def test_batches_rejects_bad_sizes(size):
     with pytest.raises(ValueError, match="max_batch_size must be an integer"):
         BASE.batches(size)
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes("a cat\nun caf\xe9 --d 3\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"p\.txt:2: not UTF-8 \(byte 0xe9 at offset 12\); save the prompt file as UTF-8"):
+        PreviewSpec.load(path)
+
+
+def test_deeply_nested_json_is_a_message_not_a_recursion_error(tmp_path):
+    path = write(tmp_path, "p.json", "[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match=r"p\.json: JSON nested too deeply"):
+        PreviewSpec.load(path)
