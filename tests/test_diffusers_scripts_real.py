@@ -281,16 +281,22 @@ def test_sd3_every_2_steps_best_equals_checkpoint(setup, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ SDXL
+def sdxl_arguments(setup: Setup, tmp_path: Path, *extra: str) -> list[str]:
+    """train_text_to_image_lora_sdxl.py on 4 captioned 32 px images, batch 2, a checkpoint every 2 steps."""
+    model = setup.model("sdxl", tmp_path.parent)
+    data = ds.write_imagefolder(tmp_path / "data")
+    return [
+        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--caption_column", "text",
+        "--resolution", "32", "--train_batch_size", "2", "--checkpointing_steps", "2", "--rank", "4",
+        "--learning_rate", "1e-2", "--seed", "0", "--mixed_precision", "no", "--report_to", "tensorboard",
+        "--dataloader_num_workers", "0", *extra,
+    ]
+
+
 def test_sdxl_every_2_steps(setup, tmp_path):
     """train_text_to_image_lora_sdxl.py: 4 captioned images, batch 2, 3 epochs; on_step_end right after
     `global_step += 1`, before the script saves checkpoint-<step>."""
-    model = setup.model("sdxl", tmp_path.parent)
-    data = ds.write_imagefolder(tmp_path / "data")
-    arguments = [
-        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--caption_column", "text",
-        "--resolution", "32", "--train_batch_size", "2", "--num_train_epochs", "3", "--checkpointing_steps", "2", "--rank", "4",
-        "--learning_rate", "1e-2", "--seed", "0", "--mixed_precision", "no", "--report_to", "tensorboard", "--dataloader_num_workers", "0",
-    ]
+    arguments = sdxl_arguments(setup, tmp_path, "--num_train_epochs", "3")
     run = train(setup, "sdxl", tmp_path, arguments, dict(metrics=("ssim",), monitor="ssim", patience=3))
     assert run.returncode == 0, run.diagnostics()
     lines = assert_scores(run, "step", [2, 4, 6], [2, 4, 6])
@@ -302,14 +308,8 @@ def test_sdxl_resume_keeps_the_best_epoch(setup, tmp_path):
     """2 epochs (steps 2, 4), then --resume_from_checkpoint latest up to 3 epochs, with an upper SSIM bound that
     makes step 2 (too close to the base) ineligible: step 4 is best and step 6 (lower SSIM) is not. The evaluation
     at step 4 runs before the script saves checkpoint-4, so the resumed run knows it."""
-    model = setup.model("sdxl", tmp_path.parent)
-    data = ds.write_imagefolder(tmp_path / "data")
     out = tmp_path / "out"
-    arguments = [
-        "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--caption_column", "text",
-        "--resolution", "32", "--train_batch_size", "2", "--checkpointing_steps", "2", "--rank", "4",
-        "--learning_rate", "1e-2", "--seed", "0", "--mixed_precision", "no", "--report_to", "tensorboard", "--dataloader_num_workers", "0",
-    ]
+    arguments = sdxl_arguments(setup, tmp_path)
     settings = dict(metrics=("ssim",), monitor="ssim", patience=3, bounds={"ssim": (None, 0.9)})
     first = train(setup, "sdxl", tmp_path, arguments + ["--num_train_epochs", "2"], settings, out=out)
     assert first.returncode == 0, first.diagnostics()
