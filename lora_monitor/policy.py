@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["AGGREGATES", "BestEpochPolicy", "Decision", "EpochResult"]
+__all__ = ["AGGREGATES", "PRESETS", "BestEpochPolicy", "Decision", "DvarRule", "EpochResult", "PolicyPreset", "get_preset"]
 
 _STATE_VERSION = 1
 
@@ -81,12 +81,64 @@ def _check_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _check_bound_value(metric: str, side: str, value: Any) -> float | None:
+def _check_bound_value(metric: str, side: str, value: Any) -> float | str | None:
+    """A bound side: None (open), a finite number, or 'Fx' (F times the base model's value of the metric)."""
     if value is None:
         return None
+    if isinstance(value, str):
+        factor = _relative_factor(value)
+        if factor is None:
+            raise ValueError(
+                f"bounds[{metric!r}] {side} bound {value!r}: a relative bound is a factor and 'x', e.g. '0.9x' (0.9 times the base model's value)"
+            )
+        return f"{factor:g}x"
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"bounds[{metric!r}] {side} bound must be a finite number or None, got {value!r}")
+        raise ValueError(f"bounds[{metric!r}] {side} bound must be a finite number, 'Fx' (relative to the base) or None, got {value!r}")
     return float(value)
+
+
+def _relative_factor(text: str) -> float | None:
+    """'0.9x' -> 0.9; anything else -> None."""
+    if not text.endswith("x"):
+        return None
+    try:
+        factor = float(text[:-1])
+    except ValueError:
+        return None
+    return factor if math.isfinite(factor) and factor >= 0 else None
+
+
+@dataclass(frozen=True)
+class DvarRule:
+    """DVAR early stopping (Voronov et al., "Is This Loss Informative? Faster Text-to-Image Customization by
+    Tracking Objective Dynamics", NeurIPS 2023): stop once the variance of a deterministic loss over the last
+    `window` evaluations falls below `threshold` times its variance over every evaluation so far, i.e. the
+    loss has stopped moving. Checked from the (window + 1)-th evaluation on; a non-finite value in the
+    window, or a loss that never moved, does not stop."""
+
+    metric: str = "val_loss"
+    window: int = 5
+    threshold: float = 0.15
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"DvarRule.metric must be a metric name, got {self.metric!r}")
+        if _check_int("DvarRule.window", self.window) < 2:
+            raise ValueError(f"DvarRule.window must be an integer >= 2, got {self.window}")
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < 1:
+            raise ValueError(f"DvarRule.threshold must be a number between 0 and 1, got {threshold!r}")
+
+    def ratio(self, values: Sequence[float]) -> float | None:
+        """Variance of the last `window` values over the variance of all; None when not yet defined."""
+        if len(values) <= self.window or not all(math.isfinite(value) for value in values[-self.window:]):
+            return None
+        finite = [value for value in values if math.isfinite(value)]
+        overall = statistics.pvariance(finite)
+        return statistics.pvariance(values[-self.window:]) / overall if overall > 0 else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"metric": self.metric, "window": self.window, "threshold": self.threshold}
 
 
 def _encode_float(value: float | None) -> float | str | None:
@@ -143,8 +195,9 @@ class BestEpochPolicy:
         min_delta: float = 0.0,
         patience: int | None = None,
         aggregate: str = "mean",
-        bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+        bounds: Mapping[str, tuple[float | str | None, float | str | None]] | None = None,
         unit: str = "epoch",
+        dvar: DvarRule | None = None,
     ) -> None:
         if unit not in UNITS:
             raise ValueError(f"unit can be {', '.join(repr(u) for u in UNITS)}, got {unit!r}")
@@ -183,11 +236,16 @@ class BestEpochPolicy:
                 raise ValueError(f"bounds[{name!r}] must be a pair (lo, hi), None for an open side; got {bound!r}")
             lo = _check_bound_value(name, "lower", bound[0])
             hi = _check_bound_value(name, "upper", bound[1])
-            if lo is not None and hi is not None and lo > hi:
+            if isinstance(lo, float) and isinstance(hi, float) and lo > hi:
                 raise ValueError(f"bounds[{name!r}]: lower bound {lo} is above upper bound {hi}")
             checked_bounds[name] = (lo, hi)
+        if dvar is not None and not isinstance(dvar, DvarRule):
+            raise ValueError(f"dvar must be a DvarRule or None, got {type(dvar).__name__}")
 
         self.unit = unit
+        self.dvar = dvar
+        # the base model's aggregated value of each metric (LoRA off), for bounds relative to it ('0.9x')
+        self.base: dict[str, float] | None = None
         self.metric = metric
         self.higher_is_better = higher_is_better
         self.mode = implied
@@ -204,8 +262,29 @@ class BestEpochPolicy:
         self.history: list[EpochResult] = []
 
     @property
+    def needs_base(self) -> bool:
+        """Whether a bound is relative to the base model's value."""
+        return any(isinstance(side, str) for bound in self.bounds.values() for side in bound)
+
+    def set_base(self, values: Mapping[str, float]) -> None:
+        """The base model's aggregated metric values (LoRA off), which relative bounds multiply."""
+        self.base = {str(name): float(value) for name, value in values.items()}
+
+    def _limit(self, metric: str, side: float | str) -> tuple[float, str]:
+        """A bound side as a number, and how to say it ('0.3', or '0.9x base = 0.243')."""
+        if not isinstance(side, str):
+            return side, _fmt(side)
+        if self.base is None or metric not in self.base:
+            raise ValueError(
+                f"the bound {side} on {metric!r} is relative to the base model's {metric}, which is not known; "
+                f"the monitor measures it on the base renders (or call policy.set_base({{{metric!r}: value}}))"
+            )
+        limit = _relative_factor(side) * self.base[metric]
+        return limit, f"{side} base = {_fmt(limit)}"
+
+    @property
     def should_stop(self) -> bool:
-        """True once patience ran out; stays True."""
+        """True once patience ran out (or the DVAR rule fired); stays True."""
         return self.stopped_epoch is not None
 
     @property
@@ -239,9 +318,9 @@ class BestEpochPolicy:
         if not isinstance(scores, Mapping):
             raise ValueError(f"scores must map metric names to per-prompt values, got {type(scores).__name__}")
         present = sorted(scores)
-        for name in (self.metric, *self.bounds):
+        for name in (self.metric, *self.bounds, *([self.dvar.metric] if self.dvar else [])):
             if name not in scores:
-                role = "monitored metric" if name == self.metric else "bounded metric"
+                role = "monitored metric" if name == self.metric else "bounded metric" if name in self.bounds else "DVAR metric"
                 raise ValueError(f"the {role} {name!r} is missing from the scores of {self.unit} {epoch}; present: {present}")
         per_prompt = {name: _as_values(name, values, epoch) for name, values in scores.items()}
 
@@ -265,12 +344,14 @@ class BestEpochPolicy:
             )
         for name, (lo, hi) in self.bounds.items():
             bound_value = aggregates[name]
+            low = self._limit(name, lo) if lo is not None else None
+            high = self._limit(name, hi) if hi is not None else None
             if name in non_finite:
                 problems.append(f"{name} is NaN or infinite for prompt(s) {non_finite[name]}, so its bound cannot hold")
-            elif lo is not None and bound_value < lo:
-                problems.append(f"{name} ({self.aggregate}) {_fmt(bound_value)} is below the lower bound {_fmt(lo)}")
-            elif hi is not None and bound_value > hi:
-                problems.append(f"{name} ({self.aggregate}) {_fmt(bound_value)} is above the upper bound {_fmt(hi)}")
+            elif low is not None and bound_value < low[0]:
+                problems.append(f"{name} ({self.aggregate}) {_fmt(bound_value)} is below the lower bound {low[1]}")
+            elif high is not None and bound_value > high[0]:
+                problems.append(f"{name} ({self.aggregate}) {_fmt(bound_value)} is above the upper bound {high[1]}")
         eligible = not problems
 
         previous_best_epoch, previous_best_value = self.best_epoch, self.best_value
@@ -303,15 +384,27 @@ class BestEpochPolicy:
                 reason += f" {self.wait_count} of {self.patience} evaluation(s) without improvement."
 
         was_stopped = self.should_stop
+        dvar_ratio = None
+        if self.dvar is not None:
+            trajectory = [result.aggregates.get(self.dvar.metric, math.nan) for result in self.history] + [aggregates[self.dvar.metric]]
+            dvar_ratio = self.dvar.ratio(trajectory)
+        if self.best_epoch is None:
+            tail = f"no {self.unit} was eligible."
+        else:
+            tail = f"best {_fmt(self.best_value)} at {self.unit} {self.best_epoch}."
         if not was_stopped and self.patience is not None and self.wait_count >= self.patience:
             self.stopped_epoch = epoch
-            if self.best_epoch is None:
-                tail = f"no {self.unit} was eligible."
-            else:
-                tail = f"best {_fmt(self.best_value)} at {self.unit} {self.best_epoch}."
             self.stop_reason = (
                 f"Stopping at {self.unit} {epoch}: {label} did not improve by more than {_fmt(self.min_delta)} "
                 f"for {self.wait_count} evaluation(s); {tail}"
+            )
+            reason += " " + self.stop_reason
+        elif not was_stopped and dvar_ratio is not None and dvar_ratio < self.dvar.threshold:
+            self.stopped_epoch = epoch
+            self.stop_reason = (
+                f"Stopping at {self.unit} {epoch} by DVAR: the variance of {self.dvar.metric} over the last {self.dvar.window} "
+                f"evaluations is {_fmt(dvar_ratio)} of its variance over all {len(self.history) + 1}, below {_fmt(self.dvar.threshold)} "
+                f"(it has stopped moving); {tail}"
             )
             reason += " " + self.stop_reason
         elif was_stopped:
@@ -355,6 +448,7 @@ class BestEpochPolicy:
             "aggregate": self.aggregate,
             "bounds": {name: [lo, hi] for name, (lo, hi) in sorted(self.bounds.items())},
             "unit": self.unit,
+            "dvar": self.dvar.describe() if self.dvar else None,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -368,6 +462,7 @@ class BestEpochPolicy:
             "wait_count": self.wait_count,
             "stopped_epoch": self.stopped_epoch,
             "stop_reason": self.stop_reason,
+            "base": None if self.base is None else {name: _encode_float(value) for name, value in self.base.items()},
             "history": [
                 {
                     "epoch": result.epoch,
@@ -390,7 +485,7 @@ class BestEpochPolicy:
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"not a BestEpochPolicy state of version {_STATE_VERSION} (found {found!r})")
-        saved = {"unit": "epoch", **state["settings"]}  # states saved before step-based runs were epoch-based
+        saved = {"unit": "epoch", "dvar": None, **state["settings"]}  # older states: epoch-based, no DVAR
         current = self.describe()
         differences = [
             f"{key}: saved {saved.get(key)!r}, now {current[key]!r}"
@@ -417,6 +512,8 @@ class BestEpochPolicy:
         self.wait_count = int(state["wait_count"])
         self.stopped_epoch = state["stopped_epoch"]
         self.stop_reason = state["stop_reason"]
+        base = state.get("base")
+        self.base = None if base is None else {name: _decode_float(value) for name, value in base.items()}
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{key}={value!r}" for key, value in self.describe().items())
@@ -455,8 +552,70 @@ def parse_bound(text: str) -> tuple[str, tuple[float | None, float | None]]:
     metric, sep, limits = text.partition("=")
     low, colon, high = limits.partition(":")
     if not (metric and sep and colon):
-        raise ValueError(f"--bound {text!r}: expected METRIC=LO:HI with either side empty for open, e.g. ssim=0.3: or ssim=0.3:0.95")
-    try:
-        return metric, (float(low) if low else None, float(high) if high else None)
-    except ValueError:
-        raise ValueError(f"--bound {text!r}: LO and HI must be numbers or empty") from None
+        raise ValueError(
+            f"--bound {text!r}: expected METRIC=LO:HI with either side empty for open, e.g. ssim=0.3: or ssim=0.3:0.95, "
+            "or relative to the base model, e.g. adherence=0.9x:"
+        )
+
+    def side(value: str) -> float | str | None:
+        if not value:
+            return None
+        if _relative_factor(value) is not None:
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"--bound {text!r}: LO and HI must be numbers, factors of the base value such as 0.9x, or empty") from None
+
+    return metric, (side(low), side(high))
+
+
+@dataclass(frozen=True)
+class PolicyPreset:
+    """A named choice of metrics, monitored metric, bounds and stop rule, with the rule in words."""
+
+    name: str
+    metrics: tuple[str, ...]
+    monitor: str
+    rule: str
+    bounds: Mapping[str, tuple[float | str | None, float | str | None]] = field(default_factory=dict)
+    dvar: DvarRule | None = None
+    needs: str = ""
+
+
+PRESETS: dict[str, PolicyPreset] = {
+    preset.name: preset
+    for preset in (
+        PolicyPreset(
+            "quality",
+            ("brisque", "ssim"),
+            "brisque",
+            "best = lowest mean BRISQUE over the previews (earliest epoch on ties).",
+        ),
+        PolicyPreset(
+            "likeness",
+            ("likeness", "adherence", "diversity", "memorization", "brisque", "ssim"),
+            "likeness",
+            "best = highest mean likeness (DINOv2 similarity of each preview to its nearest reference images), "
+            "among epochs whose adherence (CLIP-T) is at least 0.9x the base model's and whose diversity across seeds "
+            "is at least 0.8x the base model's, so that neither the prompt nor the variety is traded for the subject.",
+            bounds={"adherence": ("0.9x", None), "diversity": ("0.8x", None)},
+            needs="reference images (references=) and several seeds per prompt (seeds_per_prompt >= 2)",
+        ),
+        PolicyPreset(
+            "loss",
+            ("val_loss", "brisque", "ssim"),
+            "val_loss",
+            "best = lowest deterministic validation loss; stop when it has stopped moving (DVAR: the variance of the "
+            "last 5 evaluations below 0.15 of the variance of all; Voronov et al., NeurIPS 2023).",
+            dvar=DvarRule(),
+            needs="validation images (validation=)",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> PolicyPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown policy preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -87,6 +87,13 @@ _ENTRY_IGNORED: dict[str, str] = {
 }
 
 
+def _check_seeds_per_prompt(value: Any) -> int:
+    count = _as_int("seeds_per_prompt", value)
+    if not 1 <= count <= 64:
+        raise ValueError(f"seeds_per_prompt must be from 1 to 64, got {count}")
+    return count
+
+
 def _as_int(name: str, value: Any) -> int:
     """`value` as an int; bools and floats are refused (512.0 or True is a typo, not a size)."""
     if isinstance(value, bool):
@@ -231,12 +238,15 @@ class PreviewSpec:
         guidance_scale: float | None = None,
         width: int = 512,
         height: int = 512,
+        seeds_per_prompt: int = 1,
     ) -> PreviewSpec:
-        """One preview per prompt text, with seeds seed, seed + 1, ... in order."""
+        """One preview per prompt text, with seeds seed, seed + 1, ... in order; with `seeds_per_prompt=n`,
+        n previews per text side by side, each with its own seed (diversity compares them)."""
         if isinstance(prompts, (str, bytes)):
             raise ValueError("prompts must be a list of strings, not a single string")
         seed = _as_int("seed", seed)
-        return cls(
+        count = _check_seeds_per_prompt(seeds_per_prompt)
+        spec = cls(
             tuple(
                 PreviewPrompt(
                     prompt=text,
@@ -250,6 +260,29 @@ class PreviewSpec:
                 for index, text in enumerate(prompts)
             )
         )
+        # seeds seed + i*n + k: every preview keeps a seed of its own
+        return spec if count == 1 else cls(tuple(
+            dataclasses.replace(prompt, seed=seed + index * count + k) for index, prompt in enumerate(spec.prompts) for k in range(count)
+        ))
+
+    def with_seeds(self, seeds_per_prompt: int) -> PreviewSpec:
+        """Each prompt `seeds_per_prompt` times side by side, with seeds seed, seed + 1, ... (1: this spec).
+        The previews of one prompt differ only by their seed: what the diversity signal compares."""
+        count = _check_seeds_per_prompt(seeds_per_prompt)
+        if count == 1:
+            return self
+        return PreviewSpec(tuple(
+            dataclasses.replace(prompt, seed=(prompt.seed + k) % SEED_LIMIT) for prompt in self.prompts for k in range(count)
+        ))
+
+    def seed_groups(self) -> list[int]:
+        """One group number per preview: previews with equal numbers are the same prompt and settings under
+        different seeds. Groups are numbered in order of their first preview."""
+        numbers: dict[tuple, int] = {}
+        return [
+            numbers.setdefault(tuple(sorted(dataclasses.replace(prompt, seed=0).to_dict().items())), len(numbers))
+            for prompt in self.prompts
+        ]
 
     @classmethod
     def load(
@@ -262,8 +295,10 @@ class PreviewSpec:
         width: int = 512,
         height: int = 512,
         negative_prompt: str = "",
+        seeds_per_prompt: int = 1,
     ) -> PreviewSpec:
         """Read a preview prompt file; the format follows the suffix (.txt, .toml or .json).
+        `seeds_per_prompt=n` renders every prompt n times with seeds seed, seed + 1, ... (see `with_seeds`).
 
         The keyword arguments are the defaults for whatever a line or entry does not set. A
         prompt without a seed gets `seed + i`, where i is its 0-based position among the
@@ -322,7 +357,7 @@ class PreviewSpec:
             prompts = _parse_toml(path, text, seed, defaults)
         if not prompts:
             raise ValueError(f"preview prompt file {str(path)!r} contains no prompts")
-        return cls(tuple(prompts))
+        return cls(tuple(prompts)).with_seeds(seeds_per_prompt)
 
     def batches(self, max_batch_size: int) -> list[list[int]]:
         """Prompt indices grouped for batched rendering.

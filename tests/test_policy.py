@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lora_monitor.policy import BestEpochPolicy, Decision, EpochResult
+from lora_monitor.policy import PRESETS, BestEpochPolicy, Decision, DvarRule, EpochResult, get_preset, parse_bound
 
 NAN = math.nan
 INF = math.inf
@@ -210,7 +211,7 @@ def test_describe_is_json_and_complete():
                              bounds={"ssim": (0.3, None)})
     described = json.loads(json.dumps(policy.describe(), allow_nan=False))
     assert described == {"metric": "brisque", "higher_is_better": False, "mode": "min", "min_delta": 0.5,
-                         "patience": 4, "aggregate": "median", "bounds": {"ssim": [0.3, None]}, "unit": "epoch"}
+                         "patience": 4, "aggregate": "median", "bounds": {"ssim": [0.3, None]}, "unit": "epoch", "dvar": None}
 
 
 def test_step_unit_words_the_decisions_and_round_trips():
@@ -321,7 +322,9 @@ def test_decision_mirrors_the_policy():
         (dict(higher_is_better=False, aggregate="avg"), r"aggregate can be 'mean', 'median', 'min', 'max', got 'avg'"),
         (dict(higher_is_better=False, bounds={"ssim": (0.9, 0.3)}), r"lower bound 0.9 is above upper bound 0.3"),
         (dict(higher_is_better=False, bounds={"ssim": 0.3}), r"bounds\['ssim'\] must be a pair"),
-        (dict(higher_is_better=False, bounds={"ssim": (NAN, None)}), r"lower bound must be a finite number or None"),
+        (dict(higher_is_better=False, bounds={"ssim": (NAN, None)}), r"lower bound must be a finite number, 'Fx' \(relative to the base\) or None"),
+        (dict(higher_is_better=False, bounds={"ssim": ("0.9", None)}), r"a relative bound is a factor and 'x'"),
+        (dict(higher_is_better=False, dvar="yes"), r"dvar must be a DvarRule"),
         (dict(higher_is_better="no"), r"higher_is_better must be True or False"),
     ],
 )
@@ -357,3 +360,74 @@ def test_parse_bound_rejects_malformed_bounds(text):
 
     with pytest.raises(ValueError, match="--bound"):
         parse_bound(text)
+
+
+# ----------------------------------------------------------------- bounds relative to the base model
+def test_relative_bound_multiplies_the_base_value_and_says_so():
+    policy = BestEpochPolicy("likeness", higher_is_better=True, bounds={"adherence": ("0.9x", None)})
+    assert policy.needs_base
+    with pytest.raises(ValueError, match=r"relative to the base model's adherence, which is not known"):
+        policy.update(1, {"likeness": [0.5], "adherence": [0.3]})
+    assert policy.history == []  # the failed update changed nothing
+    policy.set_base({"adherence": 0.30, "likeness": 0.2})
+    low = policy.update(1, {"likeness": [0.9], "adherence": [0.26]})  # 0.26 < 0.9 * 0.30 = 0.27
+    assert not low.is_best and "below the lower bound 0.9x base = 0.27" in low.reason
+    ok = policy.update(2, {"likeness": [0.6], "adherence": [0.28]})
+    assert ok.is_best and ok.best_epoch == 2
+
+
+def test_relative_bound_and_base_round_trip_through_json():
+    policy = BestEpochPolicy("likeness", higher_is_better=True, bounds={"diversity": ("0.8x", "2x")})
+    policy.set_base({"diversity": 0.5})
+    policy.update(1, {"likeness": [0.4], "diversity": [0.45]})
+    restored = BestEpochPolicy("likeness", higher_is_better=True, bounds={"diversity": ("0.8x", "2x")})
+    restored.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+    assert restored.base == {"diversity": 0.5} and restored.describe()["bounds"] == {"diversity": ["0.8x", "2x"]}
+    assert not restored.update(2, {"likeness": [0.9], "diversity": [0.39]}).is_best  # 0.39 < 0.8 * 0.5
+    other = BestEpochPolicy("likeness", higher_is_better=True, bounds={"diversity": ("0.7x", "2x")})
+    with pytest.raises(ValueError, match=r"bounds: saved .*0.8x"):
+        other.load_state_dict(policy.state_dict())
+
+
+def test_parse_bound_reads_relative_sides():
+    assert parse_bound("adherence=0.9x:") == ("adherence", ("0.9x", None))
+    assert parse_bound("ssim=0.3:1.5x") == ("ssim", (0.3, "1.5x"))
+    with pytest.raises(ValueError, match=r"factors of the base value such as 0.9x"):
+        parse_bound("ssim=abc:")
+
+
+# ----------------------------------------------------------------- DVAR
+def test_dvar_ratio_is_window_variance_over_overall_variance():
+    rule = DvarRule(window=3, threshold=0.15)
+    values = [1.0, 0.6, 0.4, 0.41, 0.40, 0.405]
+    assert rule.ratio(values[:3]) is None  # needs more than `window` values
+    expected = statistics.pvariance(values[-3:]) / statistics.pvariance(values)
+    assert rule.ratio(values) == pytest.approx(expected)
+    assert rule.ratio([1.0, 1.0, 1.0, 1.0]) is None  # a loss that never moved does not stop
+    assert rule.ratio([1.0, 0.5, 0.4, float("nan"), 0.4]) is None
+
+
+def test_dvar_stops_once_the_loss_flattens_and_not_before():
+    policy = BestEpochPolicy("val_loss", higher_is_better=False, dvar=DvarRule(window=3, threshold=0.15))
+    losses = [1.0, 0.7, 0.5, 0.45, 0.44, 0.437, 0.436]
+    stops = [policy.update(epoch, {"val_loss": [loss]}).should_stop for epoch, loss in enumerate(losses, 1)]
+    ratios = [DvarRule(window=3, threshold=0.15).ratio(losses[:n]) for n in range(1, len(losses) + 1)]
+    first = next(i for i, r in enumerate(ratios) if r is not None and r < 0.15)
+    assert stops == [i >= first for i in range(len(losses))] and 3 <= first < len(losses) - 1
+    assert policy.stopped_epoch == first + 1 and "by DVAR" in policy.stop_reason and "Voronov" not in policy.stop_reason
+    assert policy.best_epoch == len(losses)  # still improving slightly: best is the latest, stop is DVAR's
+
+
+def test_dvar_metric_must_be_scored():
+    policy = BestEpochPolicy("brisque", higher_is_better=False, dvar=DvarRule())
+    with pytest.raises(ValueError, match=r"DVAR metric 'val_loss' is missing"):
+        policy.update(1, {"brisque": [3.0]})
+
+
+def test_presets_name_their_metrics_and_rules():
+    for name, preset in PRESETS.items():
+        assert preset.monitor in preset.metrics and all(metric in preset.metrics for metric in preset.bounds)
+        assert get_preset(name) is preset and preset.rule.startswith("best = ")
+    assert PRESETS["likeness"].bounds == {"adherence": ("0.9x", None), "diversity": ("0.8x", None)}
+    with pytest.raises(ValueError, match=r"unknown policy preset 'likenes'; available: quality, likeness, loss"):
+        get_preset("likenes")
