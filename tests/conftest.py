@@ -86,3 +86,28 @@ def small_spec():
     from lora_monitor.spec import PreviewSpec
 
     return PreviewSpec.from_prompts(["a red circle", "a blue square"], seed=7, steps=2, width=64, height=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedders(tmp_path_factory):
+    """Random-weight CLIP and DINOv2 folders (lora_monitor.tiny.embedders), loadable by path like a hub name."""
+    from lora_monitor.tiny.embedders import save_tiny_clip, save_tiny_dino
+
+    root = tmp_path_factory.mktemp("embedders")
+    return {"clip": str(save_tiny_clip(root / "clip")), "dino": str(save_tiny_dino(root / "dino"))}
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache and no downloads. huggingface_hub and transformers 4 read these
+    variables once at import, so their module constants are pointed at tmp_path too."""
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(cache), raising=False)
+    return tmp_path / "hf"

