@@ -34,16 +34,20 @@ REPORT_TO = ("wandb", "tensorboard", "all", "none")
 
 def scalars(monitor: "LoraMonitor", report: "EpochReport", namespace: str = "monitor") -> dict[str, float]:
     """The numbers of one evaluation under `namespace/`: the key in the report's unit (`epoch`, or
-    `step` for a step-based monitor), `<metric>_<aggregate>`, `<metric>/prompt_<i>` per prompt,
+    `step` for a step-based monitor), `<metric>_<aggregate>`, `<metric>/prompt_<i>` per prompt
+    (`val_loss/image_<i>` per held-out image), `base_<metric>` (the base model's value, once measured),
     `is_best`, `best_<unit>` and `best_<monitored metric>`."""
     aggregate = monitor.policy.aggregate
     unit = report.unit
     values: dict[str, float] = {f"{namespace}/{unit}": float(report.epoch)}
-    for metric, per_prompt in report.scores.items():
+    for metric, per_item in report.scores.items():
         if metric in report.aggregates:
             values[f"{namespace}/{metric}_{aggregate}"] = float(report.aggregates[metric])
-        for index, value in enumerate(per_prompt):
-            values[f"{namespace}/{metric}/prompt_{index:02d}"] = float(value)
+        item = "prompt" if metric in report.preview_scores else "image"
+        for index, value in enumerate(per_item):
+            values[f"{namespace}/{metric}/{item}_{index:02d}"] = float(value)
+    for metric, value in (monitor.policy.base or {}).items():
+        values[f"{namespace}/base_{metric}"] = float(value)
     values[f"{namespace}/is_best"] = 1.0 if report.is_best else 0.0
     if report.decision.best_epoch is not None:
         values[f"{namespace}/best_{unit}"] = float(report.decision.best_epoch)
@@ -60,7 +64,7 @@ def caption(monitor: "LoraMonitor", report: "EpochReport | None", index: int) ->
         parts.append("base (LoRA off)")
     else:
         parts.append(report.label)
-        parts.append(", ".join(f"{metric} {values[index]:.4g}" for metric, values in report.scores.items()))
+        parts.append(", ".join(f"{metric} {values[index]:.4g}" for metric, values in report.preview_scores.items()))
     return " | ".join(parts)
 
 

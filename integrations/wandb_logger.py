@@ -206,7 +206,7 @@ class WandbListener(BaseKeeper):
     def _table(self, monitor: "LoraMonitor", report: "EpochReport") -> Any:
         import wandb
 
-        metrics = list(report.scores)
+        metrics = list(report.preview_scores)
         table = wandb.Table(columns=[report.unit, "index", "prompt", "seed", "preview", "base", *metrics])
         for index, prompt in enumerate(monitor.spec.prompts):
             preview = base = None

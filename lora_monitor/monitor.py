@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -17,15 +18,30 @@ import torch
 
 from lora_monitor import distributed
 from lora_monitor import export as exporting
-from lora_monitor.policy import BestEpochPolicy, Decision
+from lora_monitor.policy import AGGREGATES, BestEpochPolicy, Decision, DvarRule, get_preset
 from lora_monitor.record import RunRecord, from_pil, save_png_atomic
 from lora_monitor.families import detect_family, get_family
 from lora_monitor.render import PreviewOutOfMemoryError, PreviewRenderer, preserved_rng_state
 from lora_monitor.scoring import Scorer, get_scorer, score_images
+from lora_monitor.scoring.scorers import score_sets
 from lora_monitor.spec import PreviewSpec
 
 logger = logging.getLogger("lora_monitor")
 STATE_VERSION = 1
+#: The deterministic validation loss's metric name (computed by the denoiser, not from the previews).
+VALIDATION_METRIC = "val_loss"
+
+
+def _signal_options(references, clip_model, dino_model, strip_words, device):
+    """The settings the embedding signals (likeness, adherence, diversity, memorization) are built with."""
+    from lora_monitor.scoring.signals import SignalOptions
+
+    options = {"references": references, "clip_model": clip_model, "dino_model": dino_model, "device": device}
+    return SignalOptions(**{name: value for name, value in options.items() if value is not None}, strip_words=tuple(strip_words))
+
+
+def _json_number(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 @dataclass
@@ -42,6 +58,11 @@ class EpochReport:
     preview_paths: list[Path] = field(default_factory=list)
     exported: Path | None = None
     unit: str = "epoch"
+
+    @property
+    def preview_scores(self) -> dict[str, list[float]]:
+        """The scores with one value per preview (every metric but the validation loss, which has one per held-out image)."""
+        return {name: values for name, values in self.scores.items() if name != VALIDATION_METRIC}
 
     @property
     def label(self) -> str:
@@ -111,13 +132,20 @@ class LoraMonitor:
         tokenizer_2=None,
         tokenizer_3=None,
         scheduler=None,
-        metrics: Sequence[str] = ("brisque", "ssim"),
-        monitor: str = "brisque",
+        preset: str = "quality",
+        metrics: Sequence[str] | None = None,
+        monitor: str | None = None,
         mode: str | None = None,
         min_delta: float = 0.0,
         patience: int | None = None,
         aggregate: str = "mean",
-        bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
+        bounds: Mapping[str, tuple[float | str | None, float | str | None]] | None = None,
+        dvar: DvarRule | None = None,
+        references: str | os.PathLike | Sequence[torch.Tensor] | None = None,
+        validation=None,
+        clip_model: str | None = None,
+        dino_model: str | None = None,
+        strip_words: Sequence[str] = (),
         every_n_epochs: int = 1,
         every_n_steps: int | None = None,
         batch_size: int = 4,
@@ -138,24 +166,17 @@ class LoraMonitor:
         self.spec = spec if isinstance(spec, PreviewSpec) else PreviewSpec.load(spec)
         self.output_dir = Path(output_dir)
         self.unit = "epoch" if every_n_steps is None else "step"
-        self.scorers: list[Scorer] = list(scorers) if scorers is not None else [get_scorer(name) for name in metrics]
-        names = [scorer.name for scorer in self.scorers]
-        by_name = {scorer.name: scorer for scorer in self.scorers}
-        if monitor not in by_name:
-            raise ValueError(f"monitor={monitor!r} is not among the metrics {names}; add it to metrics")
-        for bound_metric in bounds or {}:
-            if bound_metric not in by_name:
-                raise ValueError(f"bounds name the metric {bound_metric!r}, which is not among the metrics {names}; add it to metrics")
-        self.policy = BestEpochPolicy(
-            monitor,
-            higher_is_better=by_name[monitor].higher_is_better,
-            mode=mode,
-            min_delta=min_delta,
-            patience=patience,
-            aggregate=aggregate,
-            bounds=bounds,
-            unit=self.unit,
-        )
+        # the preset fills in what is not given: metrics, monitored metric, bounds (explicit ones win) and stop rule
+        # (metrics given explicitly are taken as they are; the preset's gain what the monitor, bounds and DVAR read)
+        self.preset = get_preset(preset)
+        monitor = monitor or self.preset.monitor
+        bounds = {**(self.preset.bounds if monitor == self.preset.monitor else {}), **(bounds or {})}
+        dvar = dvar if dvar is not None else self.preset.dvar if monitor == self.preset.monitor else None
+        if metrics is None:
+            metrics = list(self.preset.metrics)
+            metrics += [name for name in (monitor, *bounds, *([dvar.metric] if dvar else [])) if name not in metrics]
+        metrics = list(metrics)
+        wants_validation = VALIDATION_METRIC in metrics
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.top_k = top_k
@@ -175,17 +196,54 @@ class LoraMonitor:
             components = {name: getattr(pipeline, name, None) for name in get_family(family).components}
         components = {name: (unwrap(module) if isinstance(module, torch.nn.Module) else module) for name, module in components.items() if module is not None}
         self.renderer: PreviewRenderer | None = None
+        self.validation = None
         if components or family is not None:
             self.renderer = PreviewRenderer(family=family, sampler=sampler, batch_size=batch_size, progress=progress, **components)
             self.renderer.check_spec(self.spec)
+            if wants_validation:
+                self.validation = self._validation_loss(validation)
             # frozen text encoders: every preview prompt encoded now, and let go of, so the loop may free them
             self.renderer.encode(self.spec, release=True)
+        elif wants_validation:
+            raise ValueError(f"the metric {VALIDATION_METRIC!r} runs the denoiser: build the monitor with the model's modules (or pipeline=)")
+        if validation is not None and not wants_validation:
+            raise ValueError(f"validation= was given but {VALIDATION_METRIC!r} is not among the metrics {metrics}; add it (or use preset='loss')")
         self.family = self.renderer.family if self.renderer is not None else None
+        # the embedding signals score on the training device
+        device = self.renderer.denoiser.device if self.renderer is not None else None
+        self.signal_options = _signal_options(references, clip_model, dino_model, strip_words, device)
+        if scorers is not None:
+            self.scorers: list[Scorer] = list(scorers)
+        else:
+            self.scorers = [get_scorer(name, options=self.signal_options) for name in metrics if name != VALIDATION_METRIC]
+        names = [scorer.name for scorer in self.scorers] + ([VALIDATION_METRIC] if wants_validation else [])
+        polarity = {scorer.name: scorer.higher_is_better for scorer in self.scorers}
+        polarity[VALIDATION_METRIC] = False
+        if monitor not in names:
+            raise ValueError(f"monitor={monitor!r} is not among the metrics {names}; add it to metrics")
+        for bound_metric in bounds:
+            if bound_metric not in names:
+                raise ValueError(f"bounds name the metric {bound_metric!r}, which is not among the metrics {names}; add it to metrics")
+        self.policy = BestEpochPolicy(
+            monitor,
+            higher_is_better=polarity[monitor],
+            mode=mode,
+            min_delta=min_delta,
+            patience=patience,
+            aggregate=aggregate,
+            bounds=bounds,
+            unit=self.unit,
+            dvar=dvar,
+        )
+        groups = self.spec.seed_groups()
         for scorer in self.scorers:  # optional scorer hooks: fail now rather than at the first epoch end
             check_size = getattr(scorer, "check_size", None)
             if check_size is not None:
                 for prompt in self.spec.prompts:
                     check_size(prompt.height, prompt.width)
+            check_groups = getattr(scorer, "check_groups", None)
+            if check_groups is not None:
+                check_groups(groups)
             prepare = getattr(scorer, "prepare", None)
             if prepare is not None:
                 prepare()
@@ -199,7 +257,25 @@ class LoraMonitor:
         self.accelerator = None
         self.top_k_epochs: list[int] = []
         self._base_images: list[torch.Tensor] | None = None
+        self.base_scores: dict[str, list[float]] | None = None
         self._warned: set[str] = set()
+
+    def _validation_loss(self, validation):
+        """The validation-loss signal over `validation` (a ValidationSet, or a folder of images with .txt captions,
+        cropped to the first preview's size); its latents and captions are encoded now, before the encoders go."""
+        from lora_monitor.validation import ValidationLoss, ValidationSet
+
+        if validation is None:
+            raise ValueError(
+                f"the metric {VALIDATION_METRIC!r} needs held-out images: pass validation=ValidationSet(images, captions) "
+                "or validation='folder/with/images_and_txt_captions'"
+            )
+        if not isinstance(validation, ValidationSet):
+            first = self.spec.prompts[0]
+            validation = ValidationSet.from_folder(validation, size=(first.height, first.width))
+        loss = ValidationLoss(self.renderer, validation)
+        loss.prepare()
+        return loss
 
     @classmethod
     def from_pipeline(cls, pipeline, **kwargs) -> "LoraMonitor":
@@ -339,11 +415,14 @@ class LoraMonitor:
             self._notify("on_base_references", self._base_images)
 
     # ----------------------------------------------------------------- evaluation
-    def score(self, images: Sequence[torch.Tensor], references: Sequence[torch.Tensor] | None) -> dict[str, list[float]]:
+    def score(
+        self, images: Sequence[torch.Tensor], references: Sequence[torch.Tensor] | None, indices: Sequence[int] | None = None
+    ) -> dict[str, list[float]]:
         """Every scorer on every image (rounded to 8 bits, as saved); a failing scorer gives NaN and one warning.
         The random states are put back afterwards: a scorer that seeds or draws cannot change training."""
         with preserved_rng_state():
-            return score_images(self.scorers, [quantize(image) for image in images], references, warn=self._warn_once)
+            prompts = [self.spec.prompts[i].prompt for i in (range(len(images)) if indices is None else indices)]
+            return score_images(self.scorers, [quantize(image) for image in images], references, warn=self._warn_once, prompts=prompts)
 
     def on_epoch_end(self, epoch: int, step: int | None = None, *, force: bool = False) -> EpochReport | None:
         """Render and evaluate `epoch` if it is due (every_n_epochs) or `force`; returns the report, or None when not due.
@@ -387,7 +466,50 @@ class LoraMonitor:
 
     @property
     def needs_references(self) -> bool:
-        return any(scorer.needs_reference for scorer in self.scorers)
+        """Whether evaluations need the base renders: a scorer compares with them, or a bound is relative to the base."""
+        return any(scorer.needs_reference for scorer in self.scorers) or self.policy.needs_base
+
+    def validation_loss(self, *, base: bool = False) -> float:
+        """The mean deterministic validation loss now (LoRA off with `base`). Cheap next to a render: a loop may
+        call it more often than it evaluates, e.g. every 50 steps, and log it. Training is left as it was."""
+        if self.validation is None:
+            raise ValueError(f"this monitor has no validation set: build it with metrics including {VALIDATION_METRIC!r} and validation=")
+        values = self.validation(base=base)
+        return math.fsum(values) / len(values)
+
+    def _signals(self, images: Sequence[torch.Tensor], *, base: bool = False) -> dict[str, list[float]]:
+        """The scores that need every preview at once (diversity across seeds) and the validation loss."""
+        with preserved_rng_state():
+            scores = score_sets(self.scorers, [quantize(image) for image in images], self.spec.seed_groups(), warn=self._warn_once)
+        if self.validation is not None:
+            try:
+                scores[VALIDATION_METRIC] = [float(value) for value in self.validation(base=base)]
+            except PreviewOutOfMemoryError:
+                raise
+            except Exception as error:
+                self._warn_once("validation", f"the validation loss failed ({error!r}); it counts as NaN (the worst)")
+                scores[VALIDATION_METRIC] = [math.nan] * len(self.validation.data)
+        return scores
+
+    def _measure_base(self) -> None:
+        """Score the base renders once (every signal, LoRA off): the values bounds like '0.9x' multiply, also
+        written to base_scores.json and shown beside the epochs' scores."""
+        if self.base_scores is not None or self._base_images is None:
+            return
+        base = self._base_images
+        scores = self.score(base, base)
+        scores.update(self._signals(base, base=True))
+        self.base_scores = scores
+        aggregate = AGGREGATES[self.policy.aggregate]
+        self.policy.set_base({
+            name: float(aggregate(values)) if all(math.isfinite(value) for value in values) else math.nan
+            for name, values in scores.items()
+        })
+        if self.is_main_process:
+            exporting.write_json_atomic(self.output_dir / "base_scores.json", {
+                "scores": scores, "aggregates": {name: _json_number(value) for name, value in self.policy.base.items()},
+                "aggregate": self.policy.aggregate, "spec_fingerprint": self.spec.fingerprint(),
+            })
 
     def evaluate(
         self, epoch: int, images: Sequence[torch.Tensor], *, step: int | None = None, references: Sequence[torch.Tensor] | None = None
@@ -479,7 +601,7 @@ class LoraMonitor:
             if len(shard) != len(indices):
                 raise ValueError(f"{self.unit} {epoch}: got {len(shard)} images for {len(indices)} preview indices {indices}")
             shard_references = [references[i] for i in indices] if references is not None else None
-            return indices, shard, self.score(shard, shard_references)
+            return indices, shard, self.score(shard, shard_references, indices)
 
         shards = distributed.all_gather_checked(local, what=f"{self.unit} {epoch}'s previews")
         count = len(self.spec)
@@ -487,17 +609,18 @@ class LoraMonitor:
         scores = {name: distributed.assemble([(shard, s[name]) for shard, _, s in shards], count) for name in shards[0][2]}
         reports: list[EpochReport] = []
 
-        def decide() -> tuple[Decision, dict[str, Any], list[int]]:
+        def decide() -> tuple[Decision, dict[str, Any], list[int], dict[str, list[float]]]:
             self._warn_non_finite(epoch, images)
             reports.append(self._decide(epoch, step, images, scores))
-            return reports[0].decision, self.policy.state_dict(), list(self.top_k_epochs)
+            return reports[0].decision, self.policy.state_dict(), list(self.top_k_epochs), reports[0].scores
 
-        decision, policy_state, top_k_epochs = distributed.broadcast_checked(decide, what=f"deciding on {self.unit} {epoch}")
+        # the main process adds the signals that need every preview (diversity, validation loss) and decides
+        decision, policy_state, top_k_epochs, all_scores = distributed.broadcast_checked(decide, what=f"deciding on {self.unit} {epoch}")
         if reports:  # the main process
             return reports[0]
         self.policy.load_state_dict(policy_state)
         self.top_k_epochs = top_k_epochs
-        return EpochReport(epoch, step, images, scores, decision, aggregates=dict(self.policy.history[-1].aggregates), unit=self.unit)
+        return EpochReport(epoch, step, images, all_scores, decision, aggregates=dict(self.policy.history[-1].aggregates), unit=self.unit)
 
     def _warn_non_finite_base(self, images: Sequence[torch.Tensor]) -> None:
         broken = [i for i, image in enumerate(images) if not torch.isfinite(image).all()]
@@ -526,7 +649,10 @@ class LoraMonitor:
         If writing the previews or the export fails (disk full, read-only), the policy and the top-k list go
         back to before this evaluation, so they never name a best whose weights were not written, and the
         error says what best/ still holds. If only the score line cannot be appended, best/ and the policy
-        agree and the error says the line is missing."""
+        agree and the error says the line is missing. The signals that need every preview at once (diversity,
+        validation loss) and the base model's values are measured here first."""
+        self._measure_base()
+        scores = {**scores, **self._signals(images)}
         policy_before, top_k_before = self.policy.state_dict(), list(self.top_k_epochs)
         decision = self.policy.update(epoch, scores, step=step)
         result = self.policy.history[-1]

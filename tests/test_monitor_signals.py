@@ -1,0 +1,109 @@
+"""The embedding signals inside LoraMonitor: the `likeness` preset on the tiny SD pipeline with tiny random-weight
+CLIP/DINOv2 models, bounds relative to the base renders, the record, TensorBoard, and errors at build time."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import nudge_lora
+from lora_monitor.monitor import LoraMonitor
+from lora_monitor.record import read_scores
+from lora_monitor.spec import PreviewSpec
+
+SIGNALS = ("likeness", "adherence", "diversity", "memorization")
+
+
+@pytest.fixture
+def spec():
+    return PreviewSpec.from_prompts(["a red circle", "a blue square"], seed=3, steps=2, width=32, height=32, seeds_per_prompt=2)
+
+
+@pytest.fixture
+def references():
+    generator = torch.Generator().manual_seed(5)
+    return [torch.rand(3, 32, 32, generator=generator) for _ in range(3)]
+
+
+def likeness_monitor(pipeline, spec, references, tiny_embedders, output_dir, **kwargs) -> LoraMonitor:
+    options = dict(
+        pipeline=pipeline, spec=spec, output_dir=output_dir, preset="likeness", references=references,
+        clip_model=tiny_embedders["clip"], dino_model=tiny_embedders["dino"], export=False,
+    )
+    return LoraMonitor(**{**options, **kwargs})
+
+
+def test_likeness_preset_scores_every_signal_and_bounds_against_the_base(pipeline, spec, references, tiny_embedders, tmp_path):
+    monitor = likeness_monitor(pipeline, spec, references, tiny_embedders, tmp_path, metrics=(*SIGNALS, "ssim"))
+    assert monitor.policy.metric == "likeness" and monitor.policy.bounds == {"adherence": ("0.9x", None), "diversity": ("0.8x", None)}
+    nudge_lora(pipeline.unet, seed=1)
+    report = monitor.on_epoch_end(1)
+    for name in SIGNALS:
+        assert len(report.scores[name]) == len(spec) and all(math.isfinite(v) for v in report.scores[name]), name
+    # the two seeds of one prompt share one diversity value; the likeness is a cosine
+    assert report.scores["diversity"][0] == report.scores["diversity"][1] and report.scores["diversity"][2] == report.scores["diversity"][3]
+    assert all(-1 <= v <= 1 + 1e-6 for v in report.scores["likeness"])
+    # the base renders were scored with the same scorers, and the policy multiplies those values
+    base = json.loads((tmp_path / "base_scores.json").read_text())
+    assert base["aggregates"]["ssim"] == pytest.approx(1.0)
+    assert set(base["aggregates"]) == {*SIGNALS, "ssim"}
+    assert monitor.policy.base == pytest.approx({name: value for name, value in base["aggregates"].items()})
+    base_images = monitor.base_references()
+    rescored = monitor.score(base_images, base_images)["likeness"]
+    assert base["scores"]["likeness"] == pytest.approx(rescored)
+    adherence, diversity = report.aggregates["adherence"], report.aggregates["diversity"]
+    eligible = adherence >= 0.9 * base["aggregates"]["adherence"] and diversity >= 0.8 * base["aggregates"]["diversity"]
+    assert report.is_best == eligible
+    line = read_scores(tmp_path)[-1]
+    assert set(line["scores"]) == {*SIGNALS, "ssim"}
+
+
+def test_a_relative_bound_no_epoch_can_meet_is_explained_with_its_value(pipeline, spec, references, tiny_embedders, tmp_path):
+    monitor = likeness_monitor(
+        pipeline, spec, references, tiny_embedders, tmp_path, preset="quality", monitor="likeness", metrics=("likeness", "diversity"),
+        bounds={"diversity": ("100x", None)},  # diversity (1 - cosine) is positive: 100x the base cannot be met
+    )
+    nudge_lora(pipeline.unet, seed=2)
+    report = monitor.on_epoch_end(1)
+    limit = 100 * monitor.policy.base["diversity"]
+    assert limit > 0 and not report.is_best and monitor.best_epoch is None
+    assert f"below the lower bound 100x base = {limit:.6g}" in report.decision.reason
+
+
+def test_the_signals_reach_tensorboard_with_the_base_values(pipeline, spec, references, tiny_embedders, tmp_path):
+    pytest.importorskip("tensorboard")
+    from accelerate import Accelerator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lora_monitor.integrations.trackers import TrackersListener
+
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(tmp_path / "tb"))
+    accelerator.init_trackers("signals")
+    monitor = likeness_monitor(pipeline, spec, references, tiny_embedders, tmp_path / "run", listeners=[TrackersListener()])
+    monitor.attach(accelerator)
+    nudge_lora(pipeline.unet, seed=3)
+    report = monitor.on_epoch_end(1)
+    accelerator.end_training()
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in SIGNALS:
+        assert f"monitor/{name}_mean" in tags and f"monitor/base_{name}" in tags
+        assert events.Scalars(f"monitor/{name}_mean")[-1].value == pytest.approx(report.aggregates[name], rel=1e-5)
+
+
+def test_signals_need_their_inputs_before_training_starts(pipeline, small_spec, references, tiny_embedders, tmp_path):
+    two_seeds = small_spec.with_seeds(2)
+    with pytest.raises(ValueError, match=r"likeness.*reference"):
+        likeness_monitor(pipeline, two_seeds, None, tiny_embedders, tmp_path)
+    with pytest.raises(ValueError, match=r"seeds_per_prompt"):
+        likeness_monitor(pipeline, small_spec, references, tiny_embedders, tmp_path)
+
+
+def test_missing_embedding_weights_offline_fail_when_the_monitor_is_built(pipeline, small_spec, references, tmp_path, empty_hf_cache):
+    from lora_monitor.scoring.embeddings import ModelNotAvailableError
+
+    with pytest.raises(ModelNotAvailableError, match=r"lora-monitor models (clip|dino)"):
+        LoraMonitor(pipeline=pipeline, spec=small_spec.with_seeds(2), output_dir=tmp_path, preset="likeness", references=references, export=False)
