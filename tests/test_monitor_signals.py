@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import nudge_lora
+from test_wandb import OfflineRun, close_wandb, wandb_env  # noqa: F401 (wandb_env is a fixture)
 from lora_monitor.monitor import LoraMonitor
 from lora_monitor.record import read_scores
 from lora_monitor.spec import PreviewSpec
@@ -107,3 +108,25 @@ def test_missing_embedding_weights_offline_fail_when_the_monitor_is_built(pipeli
 
     with pytest.raises(ModelNotAvailableError, match=r"lora-monitor models (clip|dino)"):
         LoraMonitor(pipeline=pipeline, spec=small_spec.with_seeds(2), output_dir=tmp_path, preset="likeness", references=references, export=False)
+
+
+def test_the_signals_reach_wandb_as_scalars_and_table_columns(pipeline, spec, references, tiny_embedders, tmp_path, wandb_env):
+    from lora_monitor.integrations.wandb_logger import WandbListener
+
+    listener = WandbListener(project="lm-test", name="signals", log_images=False)
+    monitor = likeness_monitor(pipeline, spec, references, tiny_embedders, tmp_path / "out", listeners=[listener])
+    nudge_lora(pipeline.unet, seed=4)
+    report = monitor.on_epoch_end(1)
+    listener.finish()
+    close_wandb()
+    run = OfflineRun(wandb_env["WANDB_DIR"])
+    row = next(row for row in run.history if "monitor/epoch" in row)
+    for name in SIGNALS:
+        assert row[f"monitor/{name}_mean"] == pytest.approx(report.aggregates[name])
+        assert row[f"monitor/base_{name}"] == pytest.approx(monitor.policy.base[name])
+        assert row[f"monitor/{name}/prompt_03"] == pytest.approx(report.scores[name][3])
+    table = json.loads(next((run.folder / "files" / "media" / "table" / "monitor").glob("table_*.table.json")).read_text())
+    columns = table["columns"]
+    assert columns[:6] == ["epoch", "index", "prompt", "seed", "preview", "base"] and set(columns[6:]) == {*SIGNALS, "brisque", "ssim"}
+    likeness = columns.index("likeness")
+    assert [line[likeness] for line in table["data"]] == pytest.approx(report.scores["likeness"])
