@@ -279,8 +279,11 @@ class BestEpochPolicy:
                 f"the bound {side} on {metric!r} is relative to the base model's {metric}, which is not known; "
                 f"the monitor measures it on the base renders (or call policy.set_base({{{metric!r}: value}}))"
             )
-        limit = _relative_factor(side) * self.base[metric]
-        return limit, f"{side} base = {_fmt(limit)}"
+        # f x base for a positive base; for a negative one (a cosine can be) the same distance from it, so that
+        # 0.9x still means "at most 10% worse than the base" rather than "10% better"
+        base = self.base[metric]
+        limit = base + (_relative_factor(side) - 1) * abs(base)
+        return limit, f"{side} base ({_fmt(base)}) = {_fmt(limit)}"
 
     @property
     def should_stop(self) -> bool:

@@ -371,9 +371,18 @@ def test_relative_bound_multiplies_the_base_value_and_says_so():
     assert policy.history == []  # the failed update changed nothing
     policy.set_base({"adherence": 0.30, "likeness": 0.2})
     low = policy.update(1, {"likeness": [0.9], "adherence": [0.26]})  # 0.26 < 0.9 * 0.30 = 0.27
-    assert not low.is_best and "below the lower bound 0.9x base = 0.27" in low.reason
+    assert not low.is_best and "below the lower bound 0.9x base (0.3) = 0.27" in low.reason
     ok = policy.update(2, {"likeness": [0.6], "adherence": [0.28]})
     assert ok.is_best and ok.best_epoch == 2
+
+
+def test_relative_bound_of_a_negative_base_stays_on_the_same_side():
+    """0.9x of a base of -0.3 allows 10% worse (-0.33), never asks for 10% better (-0.27)."""
+    policy = BestEpochPolicy("likeness", higher_is_better=True, bounds={"adherence": ("0.9x", "1.5x")})
+    policy.set_base({"adherence": -0.3})
+    assert policy.update(1, {"likeness": [0.5], "adherence": [-0.32]}).is_best
+    assert "below the lower bound 0.9x base (-0.3) = -0.33" in policy.update(2, {"likeness": [0.9], "adherence": [-0.34]}).reason
+    assert "above the upper bound 1.5x base (-0.3) = -0.15" in policy.update(3, {"likeness": [0.9], "adherence": [-0.1]}).reason
 
 
 def test_relative_bound_and_base_round_trip_through_json():
