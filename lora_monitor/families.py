@@ -46,6 +46,12 @@ class Family:
             MMDiT/Flux-style transformers): preview sizes must divide by it times the VAE's factor.
         flow_matching: the family is trained with flow matching; previews keep its flow-matching
             scheduler (a DDIM made from a flow-matching config samples nonsense).
+        flow_timestep_scale: what the pipeline multiplies the noise level sigma in [0, 1] by before
+            feeding it to the transformer as its timestep (SD3, Sana: 1000; Flux, Chroma, Qwen: 1), times the
+            transformer config's `timestep_scale` where it has one (Sana's pipeline applies it).
+        flow_reversed: the transformer counts time from noise to image (Lumina 2: fed 1 - sigma, and it
+            predicts image minus noise, which its pipeline negates).
+        video_vae: the VAE is a video VAE that takes images as one-frame clips (B, C, 1, H, W) (Qwen-Image).
         min_diffusers: the first diffusers release with this pipeline.
         extra_components: pipeline constructor arguments with fixed values (no safety checker...).
         call_arguments: pipeline call arguments with fixed values (Sana: render at the asked size,
@@ -70,6 +76,9 @@ class Family:
     distilled_default: float | None = None
     cfg_needs_negative: bool = False
     flow_matching: bool = False
+    flow_timestep_scale: float = 1000.0
+    flow_reversed: bool = False
+    video_vae: bool = False
     latent_patch: int = 1
     optional_encoders: tuple[str, ...] = ()
     min_diffusers: str = "0.27.0"
@@ -172,6 +181,7 @@ FAMILIES: dict[str, Family] = {
             distilled_argument="guidance_scale",
             distilled_default=3.5,
             flow_matching=True,
+            flow_timestep_scale=1.0,
             latent_patch=2,
             min_diffusers="0.30.0",
             single_file_marker="double_blocks.",
@@ -202,6 +212,8 @@ FAMILIES: dict[str, Family] = {
             encode_outputs=_MASKED_OUTPUTS,
             cfg_default=4.0,
             flow_matching=True,
+            flow_timestep_scale=1.0,
+            flow_reversed=True,
             latent_patch=2,
             min_diffusers="0.33.0",
         ),
@@ -218,6 +230,7 @@ FAMILIES: dict[str, Family] = {
             ),
             cfg_default=4.0,
             flow_matching=True,
+            flow_timestep_scale=1.0,
             latent_patch=2,
             min_diffusers="0.34.0",
         ),
@@ -235,6 +248,8 @@ FAMILIES: dict[str, Family] = {
             cfg_default=4.0,
             cfg_needs_negative=True,
             flow_matching=True,
+            flow_timestep_scale=1.0,
+            video_vae=True,
             latent_patch=2,
             min_diffusers="0.35.0",
         ),
