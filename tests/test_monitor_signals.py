@@ -132,3 +132,34 @@ def test_the_signals_reach_wandb_as_scalars_and_table_columns(pipeline, spec, re
     assert columns[:6] == ["epoch", "index", "prompt", "seed", "preview", "base"] and set(columns[6:]) == {*SIGNALS, "brisque", "ssim"}
     likeness = columns.index("likeness")
     assert [line[likeness] for line in table["data"]] == pytest.approx(report.scores["likeness"])
+
+
+def test_loss_preset_scores_each_held_out_image_and_the_base(pipeline, small_spec, tmp_path):
+    from lora_monitor.validation import ValidationSet
+
+    generator = torch.Generator().manual_seed(9)
+    held_out = ValidationSet([torch.rand(3, 64, 64, generator=generator) for _ in range(3)], ["a red circle", "a blue square", ""])
+    monitor = LoraMonitor(pipeline=pipeline, spec=small_spec, output_dir=tmp_path, preset="loss", validation=held_out, export=False)
+    assert monitor.policy.metric == "val_loss" and monitor.policy.dvar is not None
+    nudge_lora(pipeline.unet, seed=5)
+    report = monitor.on_epoch_end(1)
+    assert len(report.scores["val_loss"]) == 3 and len(report.scores["brisque"]) == len(small_spec)
+    assert report.aggregates["val_loss"] == pytest.approx(monitor.validation_loss())
+    assert monitor.policy.base["val_loss"] == pytest.approx(monitor.validation_loss(base=True))
+    assert monitor.policy.base["val_loss"] != pytest.approx(report.aggregates["val_loss"], rel=1e-6)  # the LoRA moved it
+    assert set(report.preview_scores) == {"brisque", "ssim"}
+    line = read_scores(tmp_path)[-1]
+    assert line["scores"]["val_loss"] == pytest.approx(report.scores["val_loss"])
+
+
+def test_validation_folder_and_missing_validation_are_checked_when_built(pipeline, small_spec, tmp_path):
+    from lora_monitor.demo import write_synthetic_dataset
+
+    with pytest.raises(ValueError, match=r"val_loss.*needs held-out images.*validation="):
+        LoraMonitor(pipeline=pipeline, spec=small_spec, output_dir=tmp_path, preset="loss", export=False)
+    with pytest.raises(ValueError, match=r"validation= was given but 'val_loss' is not among the metrics"):
+        LoraMonitor(pipeline=pipeline, spec=small_spec, output_dir=tmp_path, validation=str(tmp_path), export=False)
+    folder = write_synthetic_dataset(tmp_path / "held-out", count=2, size=80)
+    monitor = LoraMonitor(pipeline=pipeline, spec=small_spec, output_dir=tmp_path / "run", preset="loss", validation=str(folder), export=False)
+    assert [tuple(image.shape) for image in monitor.validation.data.images] == [(3, 64, 64)] * 2  # cropped to the previews' size
+    assert monitor.validation.data.captions[0] == (folder / "000.txt").read_text()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lora_monitor.demo import TrainConfig, train, write_synthetic_dataset
+from lora_monitor.policy import DvarRule
 from lora_monitor.spec import PreviewSpec
 
 
@@ -33,6 +34,24 @@ def test_trained_lora_is_bit_identical_with_and_without_the_monitor(tiny_model, 
     for name, tensor in plain["lora"].items():
         assert torch.equal(tensor, monitored["lora"][name]), f"{name} differs with the monitor attached"
     assert monitored["unet"].training, "the UNet must be back in train mode"
+
+
+def test_trained_lora_is_bit_identical_with_every_signal_switched_on(tiny_model, data_dir, tmp_path, tiny_embedders):
+    """Likeness, memorization, adherence, diversity (two seeds per prompt) and the validation loss, on top of BRISQUE
+    and SSIM, with the DVAR rule armed: the LoRA trained beside them is the LoRA trained without the monitor."""
+    spec = PreviewSpec.from_prompts(["a red circle", "a blue square"], steps=2, width=32, height=32, seeds_per_prompt=2)
+    monitor = dict(
+        spec=spec, preset="likeness", metrics=("likeness", "likeness_clip", "memorization", "adherence", "diversity", "val_loss", "brisque", "ssim"),
+        references=data_dir, validation=data_dir, clip_model=tiny_embedders["clip"], dino_model=tiny_embedders["dino"],
+        dvar=DvarRule(window=2, threshold=0.5),
+    )
+    plain = train(config(tiny_model, data_dir, tmp_path / "plain", epochs=3, monitor=None))
+    monitored = train(config(tiny_model, data_dir, tmp_path / "monitored", epochs=3, monitor=monitor))
+    history = monitored["monitor"].policy.history
+    assert len(history) == 3 and set(history[0].aggregates) == set(monitor["metrics"])
+    for name, tensor in plain["lora"].items():
+        assert torch.equal(tensor, monitored["lora"][name]), f"{name} differs with every signal switched on"
+    assert monitored["unet"].training
 
 
 def test_monitor_renders_with_the_unet_that_trains(tiny_model, data_dir, tmp_path):
