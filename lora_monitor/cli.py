@@ -23,6 +23,7 @@ def _quiet_libraries() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from lora_monitor import __version__
+    from lora_monitor.policy import PRESETS
     from lora_monitor import posthoc_commands
     from lora_monitor.integrations import kohya_commands
     from lora_monitor.scoring import commands as scoring_commands
@@ -44,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo-output", help="where the model, data, previews and best LoRA go (default: demo-output)")
     demo.add_argument("--epochs", type=_at_least_one, default=8, help="epochs to train at most, at least 1 (default: 8)")
     demo.add_argument("--patience", type=int, default=3, help="stop after this many evaluations without improvement (default: 3)")
-    demo.add_argument("--metric", default="brisque", help="the metric that picks the best epoch (default: brisque)")
+    demo.add_argument(
+        "--preset", default="likeness", choices=sorted(PRESETS),
+        help="the policy: " + " ".join(f"'{name}': {preset.rule}" for name, preset in PRESETS.items()) + " (default: likeness)",
+    )
+    demo.add_argument("--metric", default=None, help="pick the best epoch by this metric instead of the preset's")
     demo.add_argument("--report-to", default="none", choices=["none", "wandb", "tensorboard", "all"], help="accelerate trackers to log to")
     demo.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     demo.set_defaults(func=run_demo)
@@ -79,24 +84,50 @@ def _check_output_dir(output_dir: Path) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir).resolve()
     _check_output_dir(output_dir)  # before the (slow) imports
-    from lora_monitor.demo import TrainConfig, train, write_synthetic_dataset
+    from lora_monitor.demo import DEMO_METRICS, DEMO_PROMPTS, TrainConfig, embedding_models, train, write_synthetic_dataset
     from lora_monitor.integrations.trackers import listeners_for
+    from lora_monitor.policy import get_preset
+    from lora_monitor.spec import PreviewSpec
     from lora_monitor.tiny import save_tiny_pipeline
 
-    metrics = tuple(dict.fromkeys([args.metric, "brisque", "ssim"]))
+    preset = get_preset(args.preset)
+    metric = args.metric or preset.monitor
+    metrics = list(dict.fromkeys([metric, *preset.metrics, *DEMO_METRICS]))  # every signal, whichever policy picks
     print(f"lora-monitor demo: everything goes to {output_dir}")
     model = save_tiny_pipeline(output_dir / "tiny-sd")
     data = write_synthetic_dataset(output_dir / "data", count=8, size=64, seed=args.seed)
-    print(f"  tiny model: {model}\n  training images: {data} (8 coloured shapes with captions)\n")
-    header = f"{'epoch':>5}  " + "  ".join(f"{name + '_mean':>13}" for name in metrics) + "  best"
+    held_out = write_synthetic_dataset(output_dir / "validation", count=4, size=64, seed=args.seed + 1)
+    clip, dino, real = embedding_models(output_dir / "embedders")
+    print(f"  tiny model: {model}\n  training images: {data} (8 coloured shapes with captions; also the likeness references)")
+    print(f"  held-out images: {held_out} (4, for the validation loss)")
+    print(
+        f"  embedding models: {clip}, {dino}" if real else
+        "  embedding models: tiny random-weight CLIP and DINOv2 built offline, so likeness, adherence, diversity and\n"
+        "  memorization are computed for real but mean nothing here; `lora-monitor models clip` and `lora-monitor models dino`\n"
+        "  fetch the real ones, which the demo then uses"
+    )
+    print(f"\npolicy '{preset.name}': {preset.rule}\n" if metric == preset.monitor else f"\npolicy: best {metric}\n")
+    widths = [max(len(name), 9) for name in metrics]
+    header = f"{'epoch':>5}  " + "  ".join(f"{name:>{width}}" for name, width in zip(metrics, widths)) + "  best"
     print(header)
     print("-" * len(header))
     started = time.monotonic()
 
-    def show(report) -> None:
-        values = "  ".join(f"{report.aggregates[name]:>13.4f}" for name in metrics)
-        print(f"{report.epoch:>5}  {values}  {'*' if report.is_best else ''}", flush=True)
+    def row(label: str, values: dict, mark: str = "") -> str:
+        cells = "  ".join(f"{values[name]:>{width}.4f}" if name in values else f"{'-':>{width}}" for name, width in zip(metrics, widths))
+        return f"{label:>5}  {cells}  {mark}"
 
+    class Table:  # a monitor listener: one row per evaluation, the base model's row before the first
+        def on_evaluation(self, monitor, report) -> None:
+            if len(monitor.policy.history) == 1 and monitor.policy.base:
+                print(row("base", monitor.policy.base), flush=True)
+            print(row(str(report.epoch), report.aggregates, "*" if report.is_best else ""), flush=True)
+
+    spec = PreviewSpec.from_prompts(DEMO_PROMPTS, steps=4, width=64, height=64, seeds_per_prompt=2)
+    options = dict(
+        spec=spec, preset=preset.name, metrics=metrics, monitor=metric, patience=args.patience, references=str(data),
+        validation=str(held_out), clip_model=clip, dino_model=dino, listeners=[Table(), *listeners_for(args.report_to)],
+    )
     result = train(
         TrainConfig(
             pretrained=str(model),
@@ -106,16 +137,18 @@ def run_demo(args: argparse.Namespace) -> int:
             seed=args.seed,
             report_to=args.report_to,
             learning_rate=1e-2,
-            monitor=dict(metrics=metrics, monitor=args.metric, patience=args.patience, listeners=listeners_for(args.report_to)),
-            on_report=show,
+            monitor=options,
         )
     )
     monitor = result["monitor"]
     policy = monitor.policy
     print(f"\nfinished in {time.monotonic() - started:.0f} s")
-    print(policy.stop_reason or f"trained all {args.epochs} epochs; best {args.metric} at epoch {policy.best_epoch}.")
-    if policy.best_epoch is not None:
+    print(policy.stop_reason or f"trained all {args.epochs} epochs; best {metric} at epoch {policy.best_epoch}.")
+    best = next((result for result in policy.history if result.epoch == policy.best_epoch), None)
+    if best is not None:
         print(f"best epoch {policy.best_epoch}: LoRA in {monitor.output_dir / 'best'} (pytorch_lora_weights.safetensors + lora_monitor.json)")
+    else:
+        print("no epoch met the policy's bounds, so nothing was exported: " + "; ".join(f"epoch {r.epoch}: {r.note}" for r in policy.history))
     print(f"previews: {monitor.output_dir / 'previews'}  scores: {monitor.record.scores_path}")
     return 0
 

@@ -9,18 +9,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from lora_monitor.monitor import EpochReport, LoraMonitor
+from lora_monitor.monitor import LoraMonitor
 from lora_monitor.spec import PreviewSpec
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle")
 DEMO_PROMPTS = ("a red circle", "a blue square", "a yellow circle on grey", "a green square")
+DEMO_METRICS = ("likeness", "adherence", "diversity", "memorization", "brisque", "ssim", "val_loss")
 
 
 def write_synthetic_dataset(folder: str | os.PathLike, count: int = 8, size: int = 64, seed: int = 0) -> Path:
@@ -65,6 +66,23 @@ def load_image_folder(folder: str | os.PathLike, resolution: int) -> list[tuple[
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
+def embedding_models(folder: str | os.PathLike) -> tuple[str, str, bool]:
+    """(clip, dino, real): the CLIP and DINOv2 models the demo's signals use. The real ones when
+    `lora-monitor models clip` and `lora-monitor models dino` have fetched them; else tiny random-weight ones
+    built into `folder` offline, whose likeness and adherence numbers mean nothing (they only show the columns)."""
+    from lora_monitor.scoring.embeddings import DEFAULT_CLIP, DEFAULT_DINO, ModelNotAvailableError, load_embedding_model
+
+    try:
+        load_embedding_model(DEFAULT_CLIP, "clip", device="cpu")
+        load_embedding_model(DEFAULT_DINO, "dino", device="cpu")
+        return DEFAULT_CLIP, DEFAULT_DINO, True
+    except ModelNotAvailableError:
+        from lora_monitor.tiny.embedders import save_tiny_clip, save_tiny_dino
+
+        folder = Path(folder)
+        return str(save_tiny_clip(folder / "clip")), str(save_tiny_dino(folder / "dino")), False
+
+
 def load_for_lora_training(pretrained: str, rank: int = 4):
     """Load a diffusers model folder as a LoRA training script does: frozen modules, a peft LoRA (alpha = rank)
     on the UNet's attention projections. Returns (tokenizer, text_encoder, vae, unet, noise_scheduler)."""
@@ -99,7 +117,6 @@ class TrainConfig:
     save_state_each_epoch: bool = False
     stop_after_epoch: int | None = None  # simulate an interruption (tests)
     monitor: dict[str, Any] | None = field(default_factory=dict)  # LoraMonitor options; None = no monitor
-    on_report: Callable[[EpochReport], None] | None = None
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -163,9 +180,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             optimizer.zero_grad()
             global_step += 1
         accelerator.wait_for_everyone()
-        report = monitor.on_epoch_end(epoch + 1, global_step) if monitor is not None else None  # --- lora-monitor ---
-        if report is not None and config.on_report is not None:
-            config.on_report(report)
+        if monitor is not None:
+            monitor.on_epoch_end(epoch + 1, global_step)  # --- lora-monitor: previews, scores, best, export ---
         if config.save_state_each_epoch:
             accelerator.save_state(str(output_dir / "checkpoints" / f"epoch-{epoch + 1}"))
         if monitor is not None and monitor.should_stop:  # --- lora-monitor: obey the stop decision ---

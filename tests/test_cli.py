@@ -35,12 +35,16 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_prints_a_table_and_exports_the_best(tmp_path, capsys):
-    assert main(["demo", "--output-dir", str(tmp_path), "--epochs", "3", "--patience", "1"]) == 0
+    assert main(["demo", "--output-dir", str(tmp_path), "--epochs", "3", "--patience", "1", "--preset", "quality"]) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s*(\*?)$", out, re.MULTILINE)
+    header = re.search(r"^epoch\s+(.+?)\s+best$", out, re.MULTILINE).group(1).split()
+    assert header[:2] == ["brisque", "ssim"] and {"likeness", "adherence", "diversity", "memorization", "val_loss"} <= set(header)
+    rows = re.findall(r"^\s+(\d+|base)\s+([-\d. ]+?)\s*(\*?)$", out, re.MULTILINE)
     lines = read_scores(tmp_path / "run" / "monitor")
-    assert [int(r[0]) for r in rows] == [line["epoch"] for line in lines]
+    assert [r[0] for r in rows] == ["base"] + [str(line["epoch"]) for line in lines]
+    for (epoch, values, _), line in zip(rows[1:], lines):
+        assert [float(v) for v in values.split()] == pytest.approx([line["aggregates"][name] for name in header], abs=1e-4)
     best = lines[-1]["best_epoch"]
-    assert [int(r[0]) for r in rows if r[3] == "*"][-1] == best
-    assert f"best epoch {best}" in out
+    assert [int(r[0]) for r in rows if r[2] == "*"][-1] == best
+    assert f"best epoch {best}" in out and "policy 'quality': best = lowest mean BRISQUE" in out
     assert (tmp_path / "run" / "monitor" / "best" / "pytorch_lora_weights.safetensors").is_file()
