@@ -270,7 +270,7 @@ class BestEpochPolicy:
         """The base model's aggregated metric values (LoRA off), which relative bounds multiply."""
         self.base = {str(name): float(value) for name, value in values.items()}
 
-    def _limit(self, metric: str, side: float | str) -> tuple[float, str]:
+    def limit(self, metric: str, side: float | str) -> tuple[float, str]:
         """A bound side as a number, and how to say it ('0.3', or '0.9x base = 0.243')."""
         if not isinstance(side, str):
             return side, _fmt(side)
@@ -347,8 +347,8 @@ class BestEpochPolicy:
             )
         for name, (lo, hi) in self.bounds.items():
             bound_value = aggregates[name]
-            low = self._limit(name, lo) if lo is not None else None
-            high = self._limit(name, hi) if hi is not None else None
+            low = self.limit(name, lo) if lo is not None else None
+            high = self.limit(name, hi) if hi is not None else None
             if name in non_finite:
                 problems.append(f"{name} is NaN or infinite for prompt(s) {non_finite[name]}, so its bound cannot hold")
             elif low is not None and bound_value < low[0]:

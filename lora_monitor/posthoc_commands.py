@@ -5,97 +5,29 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import math
 import sys
 import warnings
 
 from lora_monitor.families import FAMILIES
-from lora_monitor.posthoc import RESIZE_RULE
+from lora_monitor.policy import PRESETS
 from lora_monitor.posthoc.candidates import MAX_STRENGTHS
-from lora_monitor.posthoc.checkpoints import families_help
+from lora_monitor.posthoc.help_text import (
+    COMMON_EPILOG,
+    EPOCHS_DESCRIPTION,
+    EXAMPLES,
+    GRID_DESCRIPTION,
+    STRENGTH_DESCRIPTION,
+)
+from lora_monitor.posthoc.tables import table, to_csv
+from lora_monitor.scoring.embeddings import DEFAULT_CLIP, DEFAULT_DINO
 
-COMMON_EPILOG = f"""\
-base models (--base): every family of the model-family table, where the installed diffusers has
-its pipeline (an older diffusers is an error naming the release needed):
-{families_help()}
-The family is detected from the pipeline class the base model's model_index.json names (loaded
-with diffusers' DiffusionPipeline). --family NAME forces it (the base then loads with that family's
-pipeline class): for a folder whose pipeline class is none of these, or for a single
-.safetensors/.ckpt file (without --family: guessed from its keys, SD 1.x/2.x unless it looks like
-SDXL, SD3 or Flux). An unknown NAME is an error listing the families. Checkpoints load with the
-pipeline's own load_lora_weights: diffusers-format LoRAs of every family, and kohya-format files
-of SD 1.x/2.x, SDXL and Flux.1 (diffusers converts those; it reads no kohya SD3 files). A strength
-scales the LoRA of the denoiser and of every text encoder the checkpoint carries one for (diffusers'
-LoRA scale). SD 1.x/2.x and SDXL render with ddim unless --sampler says otherwise; the
-flow-matching families (sd3, flux, sana, lumina2, chroma, qwenimage) only with their own scheduler.
+__all__ = ["analyse_args", "main", "register", "run", "table", "to_csv"]
 
-step-based runs: a diffusers LoRA folder whose lora_monitor.json says "unit": "step" (the monitor's
-every_n_steps exports, top_k/step-0020) and kohya name-step00000500.safetensors files are keyed by
-step: labels, the table and the report say "step N" (JSON keeps the number in "epoch", with "unit").
-
-policy: the in-training monitor's rule. Candidates are scored in increasing order (epoch, then
-strength); a later one becomes best only if it beats the best so far by more than --min-delta, so
-ties within min_delta go to the earlier epoch / lower strength (--min-delta 0.01 with --metric
-brisque is the older tools' rule). NaN/inf scores are the worst; --bound keeps a candidate out
-unless a metric's aggregate lies in [LO, HI] (e.g. --bound ssim=0.3:0.95: not "no effect").
-
-sizes: {RESIZE_RULE}
-
-bad input: unreadable or truncated images are skipped and listed (a candidate missing a prompt's
-image is left out); .ckpt/.pt/.pth/.bin pickles are refused unless --allow-pickle, and then read
-with torch.load(weights_only=True).
-"""
-
-EPOCHS_DESCRIPTION = """\
-Which saved epoch (or step) is best? With --base, PATH holds LoRA checkpoints (kohya
-name-000003.safetensors or name-step00000500.safetensors files, diffusers LoRA folders with
-pytorch_lora_weights.safetensors): each is loaded into the base model (SD 1.x/2.x, SDXL, SD3, Flux
-or another family below; --family to force it) and the --prompts previews are rendered (plus the
-base model's, the references), scored and ranked. Without --base, PATH is a folder of images: kohya
-samples ({name}_e000003_00_{timestamp}_{seed}.png; a kohya output dir's sample/ is found; epoch-0
-samples from --sample_at_first are the references), the older tools' epoch_01.png with
-control_01.png per epoch or one control.png, or any names via --pattern. --references gives a
-reference image or a folder with one per prompt."""
-
-STRENGTH_DESCRIPTION = """\
-Which LoRA strength is best? With --base, PATH is one LoRA checkpoint: it is rendered at every
---strengths scale (diffusers' LoRA scale, on the denoiser and every text encoder the LoRA has; 0 is
-the base model, which is also the reference), with a base model of any family below (--family to
-force it).
-Without --base, PATH is a folder of strength_0.5.png images with control_base.png (or
-strength_0.png) as the reference, or names given by --pattern with {strength}."""
-
-GRID_DESCRIPTION = """\
-Which (epoch, strength) pair is best? Every checkpoint in PATH rendered at every --strengths scale
-(with --base: a base model of any family below, --family to force it), or images named by a
---pattern with both {epoch} and {strength}."""
-
-EXAMPLES = {
-    "epochs": """\
-examples:
-  lora-monitor epochs output/sample/                       # kohya samples, epoch 0 as references
-  lora-monitor epochs old_run/ --min-delta 0.01            # epoch_01.png + control_01.png
-  lora-monitor epochs output/ --base runwayml/stable-diffusion-v1-5 --prompts prompts.txt --report report/
-  lora-monitor epochs imgs/ --pattern "run_ep{epoch}_p{prompt}.png" --references base/ --csv > scores.csv
-""",
-    "strength": """\
-examples:
-  lora-monitor strength sweep/                              # strength_0.5.png + control_base.png
-  lora-monitor strength output/name-000008.safetensors --base MODEL --prompts prompts.txt \\
-      --strengths 0:1.5:0.1 --bound ssim=0:0.95 --report strength-report/
-  lora-monitor strength flux-lora.safetensors --base black-forest-labs/FLUX.1-dev --prompts prompts.txt \\
-      --dtype bfloat16 --strengths 0:1.2:0.2          # family detected: flux
-  lora-monitor strength lora.safetensors --base my-sdxl-folder/ --family sdxl --prompts prompts.txt
-""",
-    "grid": """\
-examples:
-  lora-monitor grid output/ --base MODEL --prompts prompts.txt --strengths 0.5,0.75,1 --report grid/
-  lora-monitor grid imgs/ --pattern "e{epoch}_s{strength}_{prompt}.png" --references base.png --json
-""",
-}
+#: The metrics that compare previews with the training images given by --refs.
+TRAINING_REFERENCE_METRICS = ("likeness", "likeness_clip", "memorization")
+#: The deterministic validation loss: it runs the denoiser on held-out images, which post-hoc has not.
+VALIDATION_METRIC = "val_loss"
 
 
 def register(subparsers) -> None:
@@ -118,7 +50,11 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     source = parser.add_argument_group("what to rank")
     source.add_argument("paths", nargs="+", metavar="PATH", help="image folder, or (with --base) checkpoint files/folders")
     source.add_argument("--pattern", metavar="TEMPLATE", help="image file names: {epoch}, {strength}, {prompt}, {seed}, * (anything); e.g. 'lora_ep{epoch}_{prompt}.png'")
-    source.add_argument("--references", metavar="IMAGE_OR_DIR", help="reference (base model) image for every prompt, or a folder with one per prompt")
+    source.add_argument(
+        "--references", metavar="IMAGE_OR_DIR",
+        help="the BASE model's images (LoRA off), which ssim compares with and relative bounds are measured on: one image for every "
+             "prompt, or a folder with one per prompt (or per prompt and seed); not the training images (those are --refs)",
+    )
     source.add_argument(
         "--base", metavar="MODEL",
         help="base model to render the checkpoints with: a diffusers folder or hub id of any supported family (see 'base models' below), "
@@ -151,6 +87,11 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     )
     render.add_argument("--seed", type=int, default=0, help="seed of the first prompt without --d; the next get seed+1, ... (default: 0)")
     render.add_argument(
+        "--seeds-per-prompt", type=int, default=1, metavar="N",
+        help="render every prompt N times with seeds seed, seed+1, ... (diversity compares them; the likeness preset needs N >= 2). "
+             "Image folders: the {seed} of --pattern separates seeds instead (default: 1)",
+    )
+    render.add_argument(
         "--sampler", default=None,
         help="default (the base model's own scheduler), ddim, euler, euler_a, dpmsolver++ or pndm; the last five only for "
              "SD 1.x/2.x and SDXL (default: the family's: ddim for those, the model's own flow-matching scheduler for the others)",
@@ -160,11 +101,38 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     render.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model precision (default: float32)")
 
     policy = parser.add_argument_group("scoring and policy (the in-training monitor's)")
-    policy.add_argument("--metric", default="brisque", help="the metric that picks the best (default: brisque, lower is better)")
-    policy.add_argument("--metrics", default="brisque,ssim", help="metrics to compute, comma-separated (default: brisque,ssim; ssim only with references)")
+    policy.add_argument(
+        "--preset", choices=list(PRESETS),
+        help="metrics, monitored metric and bounds by name (see 'presets' below): quality (BRISQUE), likeness (likeness with "
+             "adherence >= 0.9x and diversity >= 0.8x the base model's; needs --refs, --prompts and several seeds a prompt); "
+             "loss is refused post-hoc (default: quality's settings)",
+    )
+    policy.add_argument("--metric", default=None, help="the metric that picks the best (default: the preset's; brisque, lower is better)")
+    policy.add_argument(
+        "--metrics", default=None,
+        help="metrics to compute, comma-separated, taken as given (default: the preset's; brisque,ssim; ssim only with base images); "
+             "see 'signals' below",
+    )
     policy.add_argument("--min-delta", type=float, default=0.0, help="a later candidate must be better by more than this (default: 0)")
     policy.add_argument("--aggregate", default="mean", choices=["mean", "median", "min", "max"], help="over prompts (default: mean)")
-    policy.add_argument("--bound", action="append", default=[], metavar="METRIC=LO:HI", help="eligible only if METRIC's aggregate is in [LO, HI]; empty side open (e.g. ssim=:0.95)")
+    policy.add_argument(
+        "--bound", action="append", default=[], metavar="METRIC=LO:HI",
+        help="eligible only if METRIC's aggregate is in [LO, HI]; empty side open (e.g. ssim=:0.95); a side 0.9x is 0.9 times the "
+             "base model's value (e.g. adherence=0.9x:)",
+    )
+
+    signals = parser.add_argument_group("embedding signals (likeness, likeness_clip, memorization, adherence, diversity)")
+    signals.add_argument(
+        "--refs", metavar="DIR",
+        help="folder of TRAINING (reference) images that likeness, likeness_clip and memorization compare every preview with "
+             "(not the base model's images: those are --references)",
+    )
+    signals.add_argument("--clip-model", metavar="NAME_OR_DIR", help=f"CLIP model for adherence and likeness_clip: a cached hub name or a folder (default: {DEFAULT_CLIP})")
+    signals.add_argument("--dino-model", metavar="NAME_OR_DIR", help=f"DINOv2 model for likeness, memorization and diversity: a cached hub name or a folder (default: {DEFAULT_DINO})")
+    signals.add_argument(
+        "--strip-words", action="append", default=[], metavar="WORD[,WORD]",
+        help="trigger words removed from the prompts before CLIP-T (adherence), e.g. sks: made-up tokens mean nothing to CLIP (repeatable)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -193,7 +161,7 @@ def _bounds(items: list[str]) -> dict[str, tuple[float | None, float | None]]:
         raise PosthocError(str(error)) from None
 
 
-def _spec(args: argparse.Namespace):
+def _spec(args: argparse.Namespace, seeds_per_prompt: int = 1):
     from lora_monitor.posthoc import PosthocError
     from lora_monitor.spec import PreviewSpec
 
@@ -201,14 +169,74 @@ def _spec(args: argparse.Namespace):
     if args.prompts and args.prompt:
         raise PosthocError("give --prompts FILE or --prompt TEXT, not both")
     if args.prompts:
-        return PreviewSpec.load(args.prompts, seed=args.seed, **defaults)
+        return PreviewSpec.load(args.prompts, seed=args.seed, seeds_per_prompt=seeds_per_prompt, **defaults)
     if args.prompt:
-        return PreviewSpec.from_prompts(args.prompt, seed=args.seed, **defaults)
+        return PreviewSpec.from_prompts(args.prompt, seed=args.seed, seeds_per_prompt=seeds_per_prompt, **defaults)
     return None
 
 
+def _policy_settings(args: argparse.Namespace):
+    """(preset or None, metrics, monitored metric, bounds) as the monitor resolves them: the preset (quality's
+    when none is named) fills in what is not given; explicit --metrics are taken as they are, the preset's gain
+    what --metric and --bound need."""
+    from lora_monitor.policy import get_preset
+    from lora_monitor.posthoc import PosthocError
+
+    preset = get_preset(args.preset or "quality")
+    explicit = _bounds(args.bound)
+    monitor = args.metric or preset.monitor
+    bounds = {**(preset.bounds if monitor == preset.monitor else {}), **explicit}
+    if args.metrics is None:
+        metrics = list(preset.metrics)
+        metrics += [name for name in (monitor, *bounds) if name not in metrics]
+    else:
+        metrics = list(dict.fromkeys(m.strip() for m in args.metrics.split(",") if m.strip()))
+        if monitor not in metrics:
+            chosen = "--metric" if args.metric else f"the monitored metric of the {preset.name} preset"
+            raise PosthocError(
+                f"{chosen} {monitor!r} is not among --metrics {','.join(metrics)} (explicit metrics are taken as given): "
+                f"add it to --metrics, or pick one of them with --metric"
+            )
+    if preset.name == "loss" or VALIDATION_METRIC in (monitor, *metrics, *bounds):
+        raise PosthocError(
+            f"{'--preset loss' if preset.name == 'loss' else VALIDATION_METRIC!r} needs the validation loss ({VALIDATION_METRIC}), which runs "
+            "the model on held-out images during training; the post-hoc commands score images and cannot compute it. Use the "
+            "in-training monitor for it (LoraMonitor(preset='loss', validation=...)), or --preset quality or likeness here"
+        )
+    return (get_preset(args.preset) if args.preset else None), metrics, monitor, bounds
+
+
+def _signal_options(args: argparse.Namespace, metrics: list[str], device: str | None):
+    """The settings of the embedding signals, with --refs checked now (before anything is rendered)."""
+    from pathlib import Path
+
+    from lora_monitor.posthoc import PosthocError
+    from lora_monitor.scoring.signals import REFERENCE_SUFFIXES, SignalOptions
+
+    wanting = [name for name in metrics if name in TRAINING_REFERENCE_METRICS]
+    if args.refs is not None:
+        folder = Path(args.refs)
+        if not folder.is_dir():
+            raise PosthocError(
+                f"--refs {args.refs}: no such folder; --refs is the folder of training images that "
+                f"{', '.join(TRAINING_REFERENCE_METRICS)} compare with"
+            )
+        if not any(p.is_file() and p.suffix.lower() in REFERENCE_SUFFIXES for p in folder.iterdir()):
+            raise PosthocError(f"--refs {args.refs}: the folder holds no images ({', '.join(REFERENCE_SUFFIXES)})")
+    elif wanting:
+        raise PosthocError(
+            f"the metric(s) {', '.join(wanting)} compare every preview with the training images: pass --refs DIR, the folder "
+            "of training (reference) images (--references is the base model's images, which they do not use)"
+        )
+    words = tuple(word.strip() for item in args.strip_words for word in item.split(",") if word.strip())
+    settings = {"references": args.refs, "clip_model": args.clip_model, "dino_model": args.dino_model, "device": device}
+    return SignalOptions(**{name: value for name, value in settings.items() if value is not None}, strip_words=words)
+
+
 def analyse_args(args: argparse.Namespace):
-    """Run the analysis the arguments ask for and return the Analysis (the report and outputs are separate)."""
+    """Run the analysis the arguments ask for and return the Analysis (the report and outputs are separate).
+
+    Every check of the arguments (metrics, presets, --refs, seeds, the embedding models) runs before anything is rendered."""
     from lora_monitor import posthoc
 
     kind = args.posthoc_kind
@@ -218,32 +246,51 @@ def analyse_args(args: argparse.Namespace):
         from lora_monitor.scoring.commands import check_device
 
         check_device(args.device)
-    spec = _spec(args)
-    bounds = _bounds(args.bound)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] + list(bounds)
+    preset, metrics, monitor, bounds = _policy_settings(args)
+    if args.seeds_per_prompt < 1:
+        raise posthoc.PosthocError(f"--seeds-per-prompt must be 1 or more, got {args.seeds_per_prompt}")
+    if args.seeds_per_prompt > 1 and not args.base:
+        raise posthoc.PosthocError(
+            "--seeds-per-prompt renders several seeds with --base; with image folders the {seed} of --pattern separates "
+            "the seeds of a prompt (and previews with the same prompt text are its seeds)"
+        )
+    spec = _spec(args, args.seeds_per_prompt if args.base else 1)
+    if "adherence" in metrics and spec is None:
+        raise posthoc.PosthocError(
+            "the adherence metric (CLIP-T) compares each preview with its prompt text: give --prompts FILE or --prompt TEXT"
+        )
     skipped: list[tuple[str, str]] = []
     notes: list[str] = []
+    if args.refs is not None and not any(name in TRAINING_REFERENCE_METRICS for name in metrics):
+        notes.append(f"--refs is unused: none of {', '.join(TRAINING_REFERENCE_METRICS)} is among the metrics")
     if getattr(args, "family", None) and not args.base:
         raise posthoc.PosthocError("--family chooses the family of the --base model; without --base nothing is rendered")
     if args.base:
         if spec is None:
             raise posthoc.PosthocError("rendering checkpoints needs preview prompts: --prompts FILE or --prompt TEXT")
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        options = _signal_options(args, metrics, device)
+        prompts = [p.prompt for p in spec.prompts]
+        groups, seeds = spec.seed_groups(), [p.seed for p in spec.prompts]
+        scorers, scorer_notes = posthoc.make_scorers(metrics, True, monitor, options)  # the base renders are the references
+        posthoc.check_groups(scorers, groups, "pass --seeds-per-prompt N (N >= 2) to render several seeds of each prompt")
         checkpoints, skipped = posthoc.find_checkpoints(
             args.paths, allow_pickle=args.allow_pickle, final_epoch=getattr(args, "final_epoch", None),
             name=getattr(args, "name", None), need_epoch=kind != "strength",
         )
         if kind == "strength" and len(checkpoints) != 1:
             raise posthoc.PosthocError(f"strength takes one checkpoint, found {len(checkpoints)}: {', '.join(c.name for c in checkpoints)}; use grid for several")
-        import torch
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        units = {c.unit for c in checkpoints}
+        unit = units.pop() if kind == "epochs" and len(units) == 1 else "epoch"  # strength/grid: the policy counts positions
+        policy = posthoc.build_policy(scorers, monitor, min_delta=args.min_delta, aggregate=args.aggregate, bounds=bounds, unit=unit)
         pipeline = posthoc.load_base_pipeline(args.base, device=device, dtype=args.dtype, family=args.family, progress=progress)
         family = posthoc.base_family(pipeline, args.family)
         references, candidates = posthoc.render_checkpoints(
             pipeline, spec, checkpoints, strengths, family=family, sampler=args.sampler, batch_size=args.batch_size,
             with_epoch=kind != "strength", progress=progress,
         )
-        prompts = [p.prompt for p in spec.prompts]
         reference_files: list[str | None] = [None] * len(prompts)
         source = ", ".join(str(p) for p in args.paths) + f" on {args.base} ({family.name})"
     else:
@@ -251,24 +298,34 @@ def analyse_args(args: argparse.Namespace):
             raise posthoc.PosthocError(f"without --base give one image folder, got {len(args.paths)} paths")
         if kind == "grid" and not args.pattern:
             raise posthoc.PosthocError("grid from images needs --pattern with {epoch} and {strength} (or --base to render checkpoints)")
+        options = _signal_options(args, metrics, args.device)
         found = posthoc.collect_images(
             args.paths[0], kind, pattern=args.pattern, references=args.references,
             prompts=[p.prompt for p in spec.prompts] if spec is not None else None,
         )
         candidates, references, prompts = found.candidates, found.references, found.prompts
+        groups, seeds = posthoc.groups_from_prompts(prompts), found.seeds
         if strengths is not None and args.strengths:
             wanted = set(strengths)
             candidates = [c for c in candidates if c.strength in wanted]
-        reference_files, skipped, notes = found.reference_files, found.skipped, found.notes
+        reference_files, skipped, notes = found.reference_files, found.skipped, notes + found.notes
         source = str(args.paths[0])
-    have_references = references is not None or any(c.references is not None for c in candidates)
-    scorers, scorer_notes = posthoc.make_scorers(metrics, have_references, args.metric)
-    units = {c.unit for c in candidates if c.epoch is not None}
-    unit = units.pop() if kind == "epochs" and len(units) == 1 else "epoch"  # strength/grid: the policy counts positions
-    policy = posthoc.build_policy(scorers, args.metric, min_delta=args.min_delta, aggregate=args.aggregate, bounds=bounds, unit=unit)
-    analysis = posthoc.analyse(kind, candidates, references, scorers, policy, prompts=prompts, reference_files=reference_files, progress=progress)
+        have_references = references is not None or any(c.references is not None for c in candidates)
+        scorers, scorer_notes = posthoc.make_scorers(metrics, have_references, monitor, options)
+        posthoc.check_groups(
+            scorers, groups,
+            "name several images of each prompt with {seed} in --pattern, or (kohya samples) repeat a prompt line "
+            "in --prompts with other --d seeds: previews with the same prompt text are one prompt's seeds",
+        )
+        units = {c.unit for c in candidates if c.epoch is not None}
+        unit = units.pop() if kind == "epochs" and len(units) == 1 else "epoch"  # strength/grid: the policy counts positions
+        policy = posthoc.build_policy(scorers, monitor, min_delta=args.min_delta, aggregate=args.aggregate, bounds=bounds, unit=unit)
+    analysis = posthoc.analyse(
+        kind, candidates, references, scorers, policy, prompts=prompts, reference_files=reference_files, progress=progress,
+        groups=groups, seeds=seeds, preset=preset,
+    )
     analysis.skipped = skipped + analysis.skipped
-    analysis.notes = notes + scorer_notes
+    analysis.notes = notes + scorer_notes + analysis.notes
     analysis.source = source
     return analysis
 
@@ -276,6 +333,7 @@ def analyse_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from lora_monitor.posthoc import PosthocError
     from lora_monitor.scoring.brisque_model import BrisqueModelError
+    from lora_monitor.scoring.embeddings import ModelNotAvailableError
 
     command = f"lora-monitor {args.posthoc_kind}"
     try:
@@ -292,7 +350,7 @@ def run(args: argparse.Namespace) -> int:
     except (PosthocError, ValueError, FileNotFoundError, OSError, ImportError) as error:  # ImportError: a library the base model needs
         print(f"{command}: error: {error}", file=sys.stderr)
         return 2
-    except BrisqueModelError as error:
+    except (BrisqueModelError, ModelNotAvailableError) as error:  # a model file this machine does not have
         print(f"{command}: error: {error}", file=sys.stderr)
         return 1
     if args.json:
@@ -309,57 +367,6 @@ def run(args: argparse.Namespace) -> int:
     if report is not None:
         print(f"report: {report}", file=messages)
     return 0
-
-
-def table(analysis) -> str:
-    """The terminal table: one line per candidate, aggregates per metric, '*' on the best, then the reason."""
-    aggregate = analysis.policy.aggregate
-    columns = {"epochs": ["epoch"], "strength": ["strength"], "grid": ["epoch", "strength"]}[analysis.kind]
-    names = [analysis.unit if c == "epoch" else c for c in columns]  # "step" for a run saved by step
-    header = [*names, *(f"{m}_{aggregate}" for m in analysis.metrics), "best", "note"]
-    rows = []
-    for r in analysis.results:
-        keys = [str(r.candidate.epoch) if c == "epoch" else f"{r.candidate.strength:g}" for c in columns]
-        values = [_number(r.aggregates.get(m, math.nan)) for m in analysis.metrics]
-        rows.append([*keys, *values, "*" if r.is_best else "", "" if r.note == "new best" or r.is_best else r.note])
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header) - 1)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)) + "  note"]
-    lines.append("-" * len(lines[0]))
-    for row in rows:
-        lines.append("  ".join(v.rjust(w) for v, w in zip(row, widths)) + ("  " + row[-1] if row[-1] else ""))
-    lines.append("")
-    lines.append(analysis.explanation())
-    return "\n".join(lines)
-
-
-def _number(value: float) -> str:
-    return "nan" if not math.isfinite(value) else f"{value:.4f}"
-
-
-def to_csv(analysis) -> str:
-    """One row per candidate and prompt: keys, prompt, file, per-prompt scores, the candidate's aggregates and flags."""
-    aggregate = analysis.policy.aggregate
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(
-        [analysis.unit, "strength", "prompt_index", "prompt", "file", *analysis.metrics,
-         *(f"{m}_{aggregate}" for m in analysis.metrics), "eligible", "is_best"]
-    )
-    for r in analysis.results:
-        for index, prompt in enumerate(analysis.prompts):
-            writer.writerow([
-                "" if r.candidate.epoch is None else r.candidate.epoch,
-                "" if r.candidate.strength is None else f"{r.candidate.strength:g}",
-                index, prompt, r.candidate.files[index] or "",
-                *(_csv_number(r.scores[m][index]) for m in analysis.metrics),
-                *(_csv_number(r.aggregates.get(m, math.nan)) for m in analysis.metrics),
-                int(r.eligible), int(r.is_best),
-            ])
-    return buffer.getvalue()
-
-
-def _csv_number(value: float) -> str:
-    return repr(float(value)) if math.isfinite(value) else "nan"
 
 
 def main(argv: list[str] | None = None) -> int:

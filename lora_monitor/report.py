@@ -1,5 +1,9 @@
 """The HTML report of a post-hoc analysis: contact sheet, metric curves, policy and the reason for the choice.
 
+Every metric gets a curve with the chosen candidate starred, its bounds (relative ones resolved against the
+base model) and, where the base images were scored, a dashed line at the base model's value. The policy
+section states the rule that chose: the preset's own sentence, or the monitored metric and bounds in words.
+
 `write_report(analysis, folder)` writes `index.html`, `curves.png` and `images/` (full-size PNGs)
 into one folder. Thumbnails are embedded as data URIs and everything else is linked relatively, so
 the folder can be moved, zipped or opened from disk without a server or network.
@@ -17,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from lora_monitor.posthoc import RESIZE_RULE, Analysis, CandidateResult, format_strength
+from lora_monitor.posthoc import RESIZE_RULE, Analysis, CandidateResult, format_strength, resolve_bound_side
 from lora_monitor.record import to_pil
 
 REPORT_FILE = "index.html"
@@ -68,6 +72,7 @@ def write_report(analysis: Analysis, folder: str | Path, *, title: str | None = 
         f"{len(analysis.prompts)} prompt(s) &middot; generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
         '<div class="summary">',
         f"<p><b>{'Best: ' + _e(best.candidate.label) if best else 'No candidate was eligible'}</b></p>",
+        f"<p><i>Rule:</i> {_e(analysis.rule)}</p>",
         f"<p>{_e(analysis.explanation())}</p></div>",
         "<h2>Policy</h2>",
         _policy_table(analysis),
@@ -78,7 +83,7 @@ def write_report(analysis: Analysis, folder: str | Path, *, title: str | None = 
         "Click a thumbnail for the full-size image.</p>",
     ]
     if analysis.kind == "grid":
-        for index, prompt in enumerate(analysis.prompts):
+        for index, prompt in enumerate(analysis.preview_labels):
             parts.append(f"<h3>{_e(prompt)}</h3>")
             parts.append(_grid_sheet(analysis, index, folder, thumbnail))
     else:
@@ -109,12 +114,17 @@ def _policy_table(analysis: Analysis) -> str:
     direction = "higher" if policy.higher_is_better else "lower"
     unit = analysis.unit
     tie = {"epochs": f"the earlier {unit}", "strength": "the lower strength", "grid": f"the earlier {unit}, then the lower strength"}[analysis.kind]
-    bounds = ", ".join(f"{name} ({policy.aggregate}) in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]" for name, (lo, hi) in policy.bounds.items())
+    bounds = "; ".join(f"{text} ({policy.aggregate})" for text in analysis.bound_texts().values())
+    base = analysis.base_aggregates
     rows = [
+        ("rule", analysis.rule),
+        ("preset", analysis.preset.name if analysis.preset is not None else "none (the settings below)"),
         ("monitored metric", f"{policy.metric}, {direction} is better, {policy.aggregate} over prompts"),
         ("metrics", ", ".join(analysis.metrics)),
         ("min_delta", f"{policy.min_delta:g}: a later candidate must beat the best so far by more than this; ties within it go to {tie}"),
         ("bounds", bounds or "none"),
+        ("base model", "not measured (no base images)" if base is None else
+         "; ".join(f"{name} {_fmt(base.get(name, math.nan))}" for name in analysis.metrics) + f" ({policy.aggregate} over its images)"),
         ("NaN / inf", "the worst score: never chosen"),
         ("same rule as", "the in-training monitor (BestEpochPolicy, 8-bit images)"),
     ]
@@ -139,7 +149,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
-def _cell(result: CandidateResult | None, index: int, image: torch.Tensor, folder: Path, size: int, name: str, metrics: Sequence[str]) -> str:
+def _cell(
+    result: CandidateResult | None, index: int, image: torch.Tensor, folder: Path, size: int, name: str, metrics: Sequence[str],
+    base_scores: dict[str, list[float]] | None = None,
+) -> str:
     href = _full_copy(image, folder, name)
     classes = []
     scores = ""
@@ -147,6 +160,8 @@ def _cell(result: CandidateResult | None, index: int, image: torch.Tensor, folde
         classes += ["best"] if result.is_best else []
         classes += [] if result.eligible else ["ineligible"]
         scores = "<br>".join(f"{_e(metric)} {_fmt(result.scores[metric][index])}" for metric in metrics)
+    elif base_scores is not None:
+        scores = "<br>".join(f"{_e(metric)} {_fmt(base_scores[metric][index])}" for metric in metrics if metric in base_scores)
     return (
         f"<td class='{' '.join(classes)}'><a href='{href}'><img src='{_thumb_uri(image, size)}' alt='{_e(name)}'></a>"
         f"<div class='scores'>{scores}</div></td>"
@@ -160,10 +175,10 @@ def _sheet(analysis: Analysis, folder: Path, size: int) -> str:
     for result in analysis.results:
         head.append(f"<th class='{'best' if result.is_best else ''}'>{_e(result.candidate.label)}</th>")
     rows = []
-    for index, prompt in enumerate(analysis.prompts):
+    for index, prompt in enumerate(analysis.preview_labels):
         cells = [f"<th class='prompt'>{_e(prompt)}</th>"]
         if analysis.references is not None:
-            cells.append(_cell(None, index, analysis.references[index], folder, size, f"reference-{index:02d}", []))
+            cells.append(_cell(None, index, analysis.references[index], folder, size, f"reference-{index:02d}", analysis.metrics, analysis.base_scores))
         for result in analysis.results:
             name = f"{_slug(result.candidate.label)}-{index:02d}"
             cells.append(_cell(result, index, result.candidate.images[index], folder, size, name, analysis.metrics))
@@ -194,6 +209,9 @@ def _aggregate_table(analysis: Analysis) -> str:
     aggregate = analysis.policy.aggregate
     head = "<tr><th>candidate</th>" + "".join(f"<th>{_e(m)} ({aggregate})</th>" for m in analysis.metrics) + "<th>eligible</th><th>note</th></tr>"
     rows = []
+    if analysis.base_aggregates is not None:
+        cells = "".join(f"<td class='scores'>{_fmt(analysis.base_aggregates.get(m, math.nan))}</td>" for m in analysis.metrics)
+        rows.append(f"<tr><th>base model</th>{cells}<td></td><td style='text-align:left'>the base model's images (LoRA off)</td></tr>")
     for r in analysis.results:
         cells = "".join(f"<td class='scores'>{_fmt(r.aggregates.get(m, math.nan))}</td>" for m in analysis.metrics)
         rows.append(
@@ -205,7 +223,8 @@ def _aggregate_table(analysis: Analysis) -> str:
 
 def plot_curves(analysis: Analysis, path: Path) -> Path | None:
     """One panel per metric: the aggregate per candidate (per-prompt values faint), the best point starred,
-    bounds dashed. Grid runs draw one line per strength over the epochs."""
+    bounds dashed orange (relative ones at their resolved value), the base model's value dashed grey where
+    measured. Grid runs draw one line per strength over the epochs."""
     try:
         import matplotlib
     except ImportError:
@@ -218,9 +237,13 @@ def plot_curves(analysis: Analysis, path: Path) -> Path | None:
         return None
     policy = analysis.policy
     count = len(analysis.metrics)
-    figure, axes = plt.subplots(1, count, figsize=(5.2 * count, 3.6), squeeze=False)
+    columns = min(count, 3)  # three panels a row: six signals stay readable
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.6 * rows), squeeze=False)
+    for axis in axes.flat[count:]:
+        axis.set_visible(False)
     x_label = {"epochs": analysis.unit, "strength": "LoRA strength", "grid": analysis.unit}[analysis.kind]
-    for axis, metric in zip(axes[0], analysis.metrics):
+    for axis, metric in zip(axes.flat, analysis.metrics):
         if analysis.kind == "grid":
             strengths = sorted({r.candidate.strength for r in analysis.results})
             colours = plt.cm.viridis([i / max(1, len(strengths) - 1) for i in range(len(strengths))])
@@ -241,9 +264,13 @@ def plot_curves(analysis: Analysis, path: Path) -> Path | None:
             x = _x(best, analysis.kind)
             axis.plot([x], [best.aggregates[metric]], "*", color="red", ms=16, label=f"best ({best.candidate.label})", zorder=5)
         if metric in policy.bounds:
-            for value in policy.bounds[metric]:
-                if value is not None:
-                    axis.axhline(value, ls="--", color="tab:orange", lw=1)
+            for side in policy.bounds[metric]:
+                value, text = resolve_bound_side(policy, metric, side)
+                if value is not None and math.isfinite(value):
+                    axis.axhline(value, ls="--", color="tab:orange", lw=1, label=f"bound {text}")
+        base = (analysis.base_aggregates or {}).get(metric, math.nan)
+        if math.isfinite(base):
+            axis.axhline(base, ls="--", color="0.35", lw=1, label=f"base model ({_fmt(base)})")
         direction = "higher" if _higher(analysis, metric) else "lower"
         axis.set_title(f"{metric} ({direction} is better){' - monitored' if metric == policy.metric else ''}", fontsize=10)
         axis.set_xlabel(x_label)
@@ -268,6 +295,8 @@ def _higher(analysis: Analysis, metric: str) -> bool:
 
     if metric == analysis.policy.metric:
         return analysis.policy.higher_is_better
+    if metric in analysis.higher_is_better:
+        return analysis.higher_is_better[metric]
     try:
         return bool(get_scorer(metric).higher_is_better)
     except Exception:

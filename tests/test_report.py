@@ -86,6 +86,28 @@ def test_report_is_self_contained(tmp_path, kind):
     assert all(src.startswith("data:") or (Path(moved) / src).is_file() for src in parsed.images)
 
 
+def test_report_states_the_rule_in_words_and_resolves_relative_bounds(tmp_path):
+    """Without a preset the rule is the monitored metric and the bounds in words; a bound relative to the base is shown
+    with the base model's value it multiplies, which the base row and the curves show too."""
+    import html as html_module
+
+    _analysis(tmp_path / "images")  # writes the kohya samples, epoch 0 the base model's
+    found = posthoc.collect_images(tmp_path / "images", "epochs")
+    scorers, _ = posthoc.make_scorers(["brisque", "ssim"], True, "brisque")
+    policy = posthoc.build_policy(scorers, "brisque", bounds={"brisque": ("0.5x", "1.5x")})
+    analysis = posthoc.analyse("epochs", found.candidates, found.references, scorers, policy, prompts=found.prompts, reference_files=found.reference_files)
+    base = analysis.base_aggregates["brisque"]
+    assert base == pytest.approx(float(np.mean(analysis.base_scores["brisque"])))
+    page = write_report(analysis, tmp_path / "report").read_text(encoding="utf-8")
+    rule = analysis.rule
+    assert rule.startswith("best = lowest mean brisque over the previews") and "0.5x base" in rule and "1.5x base" in rule
+    assert html_module.escape(rule, quote=True) in page
+    text = analysis.bound_texts()["brisque"]
+    assert text.startswith("brisque in [0.5x base (") and f"{0.5 * base:.6g}" in text and f"{1.5 * base:.6g}" in text
+    assert html_module.escape(text, quote=True) in page
+    assert f"<tr><th>base model</th><td class='scores'>{base:.4g}</td>" in page
+
+
 def _chromium() -> str | None:
     for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if name and shutil.which(name):

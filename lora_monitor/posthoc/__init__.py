@@ -7,9 +7,22 @@ family table and rendered with the in-training renderer (`checkpoints`). Either 
 `LoraMonitor.evaluate` does (`analysis`): images rounded to 8 bits (`monitor.quantize`),
 `score_images` with the same scorers, one `BestEpochPolicy.update` per candidate in increasing
 order. So the same images give the same choice as the in-training monitor, and ties (within
-min_delta) go to the earlier epoch or the lower strength.
+min_delta) go to the earlier epoch or the lower strength. The embedding signals (likeness,
+memorization, adherence, diversity) score too, and the base model's images are scored first for
+bounds relative to the base ('0.9x').
 """
-from lora_monitor.posthoc.analysis import Analysis, CandidateResult, analyse, build_policy, make_scorers
+from lora_monitor.posthoc.analysis import (
+    Analysis,
+    CandidateResult,
+    analyse,
+    build_policy,
+    check_groups,
+    describe_bound,
+    groups_from_prompts,
+    make_scorers,
+    measure_base,
+    resolve_bound_side,
+)
 from lora_monitor.posthoc.candidates import Candidate, PosthocError, format_strength, parse_strengths
 from lora_monitor.posthoc.checkpoints import (
     DIFFUSERS_LORA_FILE,
@@ -47,17 +60,22 @@ __all__ = [
     "analyse",
     "base_family",
     "build_policy",
+    "check_groups",
     "collect_images",
+    "describe_bound",
     "find_checkpoints",
     "format_strength",
+    "groups_from_prompts",
     "harmonise_sizes",
     "load_base_pipeline",
     "load_lora_state_dict",
     "lora_modules",
     "lora_scale",
     "make_scorers",
+    "measure_base",
     "parse_strengths",
     "pattern_regex",
     "read_image",
     "render_checkpoints",
+    "resolve_bound_side",
 ]

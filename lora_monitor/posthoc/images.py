@@ -6,7 +6,7 @@ strength_X.png layouts, or a user's --pattern. Unreadable or truncated files are
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -42,7 +42,12 @@ class _Found:
     strength: float | None
     prompt: int
     sort_key: str = ""
+    seed: int | None = None
 
+    @property
+    def key(self) -> tuple[int, int | None]:
+        """The preview this file shows: its prompt index and, when the name carries one, its seed."""
+        return (self.prompt, self.seed)
 
 
 def pattern_regex(template: str) -> re.Pattern:
@@ -51,7 +56,7 @@ def pattern_regex(template: str) -> re.Pattern:
         "epoch": r"(?P<epoch>\d+)",
         "strength": r"(?P<strength>[-+]?\d*\.?\d+)",
         "prompt": r"(?P<prompt>\d+)",
-        "seed": r"\d+",
+        "seed": r"(?P<seed>\d+)",
     }
     parts = re.split(r"(\{[a-z]+\}|\*)", template)
     regex = ""
@@ -74,7 +79,8 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _scan(files: list[Path], regex: re.Pattern, axis: str) -> list[_Found]:
+def _scan(files: list[Path], regex: re.Pattern, axis: str, seeds: bool = False) -> list[_Found]:
+    """The files whose names match; with `seeds`, a {seed} in the name makes each seed a preview of its own."""
     found = []
     for path in files:
         match = regex.match(path.name)
@@ -84,7 +90,8 @@ def _scan(files: list[Path], regex: re.Pattern, axis: str) -> list[_Found]:
         epoch = int(groups["epoch"]) if groups.get("epoch") is not None else None
         strength = float(groups["strength"]) if groups.get("strength") is not None else None
         prompt = int(groups["prompt"]) if groups.get("prompt") is not None else 0
-        found.append(_Found(path, epoch, strength, prompt, groups.get("timestamp") or ""))
+        seed = int(groups["seed"]) if seeds and groups.get("seed") is not None else None
+        found.append(_Found(path, epoch, strength, prompt, groups.get("timestamp") or "", seed))
     needed = {"epochs": ["epoch"], "strength": ["strength"], "grid": ["epoch", "strength"]}[axis]
     return found if found and all(f"(?P<{name}>" in regex.pattern for name in needed) else []
 
@@ -98,6 +105,7 @@ class ImageSet:
     skipped: list[tuple[str, str]]
     notes: list[str]
     scheme: str
+    seeds: list[int | None] = field(default_factory=list)  # per preview: its seed when the names carry one
 
 
 def collect_images(
@@ -114,7 +122,9 @@ def collect_images(
     (`{name}_e{epoch:06d}_{i:02d}_{timestamp}_{seed}.png`; epoch 0 samples are the references
     unless `references` is given), the older tools' `epoch_01.png` (+ `control_01.png` per epoch or
     one `control.png`) and `strength_0.5.png` (+ `control_base.png`). Unreadable files are skipped
-    and listed; a candidate missing a prompt's image is dropped and listed.
+    and listed; a candidate missing a prompt's image is dropped and listed. With a `pattern` holding
+    {seed}, each (prompt, seed) is a preview of its own (`ImageSet.seeds` holds the seeds): the
+    previews the diversity signal compares.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -134,7 +144,8 @@ def collect_images(
         schemes.append(("strength_X", OLD_STRENGTH))
     found, scheme = [], ""
     for scheme, regex in schemes:
-        found = _scan(files, regex, axis)
+        # a {seed} in the user's pattern separates the seeds of a prompt; kohya's random seeds never do
+        found = _scan(files, regex, axis, seeds=bool(pattern))
         if found:
             break
     if not found:
@@ -164,16 +175,32 @@ def collect_images(
             if match:
                 per_candidate_refs[int(match.group("epoch"))] = path
                 matched.add(path)
+
+    # group by candidate; a repeated (candidate, preview) keeps the latest file (kohya reruns: newest timestamp)
+    groups: dict[tuple, dict[tuple[int, int | None], _Found]] = {}
+    for f in sorted(found, key=lambda f: (f.sort_key, f.path.name)):
+        slot = groups.setdefault((f.epoch, f.strength), {})
+        if f.key in slot:
+            notes.append(f"{f.path.name} replaces {slot[f.key].path.name} (same candidate and prompt; the later one is used)")
+        slot[f.key] = f
+    keys = {k for slot in groups.values() for k in slot}
+    keys |= {(p, None) for p in ref_by_prompt if all(k[0] != p for k in keys)}
+    preview_keys = sorted(keys, key=lambda k: (k[0], -1 if k[1] is None else k[1]))
+    prompt_ids = sorted({k[0] for k in preview_keys})
+
+    ref_by_key: dict[tuple[int, int | None], Path] = {}
     if references is not None:
-        ref_by_prompt = _reference_files(Path(references), sorted({f.prompt for f in found}))
-    elif not ref_by_prompt and not per_candidate_refs:
+        ref_by_key = _reference_files(Path(references), preview_keys, pattern_regex(pattern) if pattern else None)
+    elif ref_by_prompt:
+        ref_by_key = {k: ref_by_prompt[k[0]] for k in preview_keys if k[0] in ref_by_prompt}
+    elif not per_candidate_refs:
         singles = [p for p in files if SINGLE_CONTROL.match(p.name)]
         if scheme == "strength_X" and not singles:
             singles = [f.path for f in found if f.strength == 0.0]
         if singles:
-            ref_by_prompt = {prompt: singles[0] for prompt in {f.prompt for f in found}}
+            ref_by_key = {k: singles[0] for k in preview_keys}
             matched.add(singles[0])
-    ignored = [p.name for p in files if p not in matched and p not in ref_by_prompt.values()]
+    ignored = [p.name for p in files if p not in matched and p not in ref_by_key.values()]
     if ignored:
         notes.append(f"ignored {len(ignored)} image file(s) not named as {scheme}: {', '.join(ignored[:5])}{' ...' if len(ignored) > 5 else ''}")
 
@@ -188,41 +215,38 @@ def collect_images(
                 images[path] = None  # type: ignore[assignment]
         return images[path]
 
-    # group by candidate; a repeated (candidate, prompt) keeps the latest file (kohya reruns: newest timestamp)
-    groups: dict[tuple, dict[int, _Found]] = {}
-    for f in sorted(found, key=lambda f: (f.sort_key, f.path.name)):
-        slot = groups.setdefault((f.epoch, f.strength), {})
-        if f.prompt in slot:
-            notes.append(f"{f.path.name} replaces {slot[f.prompt].path.name} (same candidate and prompt; the later one is used)")
-        slot[f.prompt] = f
-    prompt_ids = sorted({p for slot in groups.values() for p in slot} | set(ref_by_prompt))
     if prompts is not None and len(prompts) != len(prompt_ids):
         raise PosthocError(f"--prompts lists {len(prompts)} prompt(s) but the images hold {len(prompt_ids)} (indices {prompt_ids})")
-    labels = list(prompts) if prompts is not None else [f"prompt {index:02d}" for index in prompt_ids]
+    texts = dict(zip(prompt_ids, prompts)) if prompts is not None else {p: f"prompt {p:02d}" for p in prompt_ids}
+    labels = [texts[k[0]] for k in preview_keys]
+
+    def describe(key: tuple[int, int | None]) -> str:
+        return str(key[0]) if key[1] is None else f"{key[0]} (seed {key[1]})"
 
     shared_refs: list[torch.Tensor] | None = None
-    reference_files: list[str | None] = [None] * len(prompt_ids)
-    if ref_by_prompt:
-        missing = [p for p in prompt_ids if p not in ref_by_prompt]
+    reference_files: list[str | None] = [None] * len(preview_keys)
+    if ref_by_key:
+        missing = [describe(k) for k in preview_keys if k not in ref_by_key]
         if missing:
-            raise PosthocError(f"no reference image for prompt(s) {missing} (references: {sorted(str(p) for p in set(ref_by_prompt.values()))})")
-        loaded = [load(ref_by_prompt[p]) for p in prompt_ids]
+            raise PosthocError(f"no reference image for prompt(s) {', '.join(missing)} (references: {sorted(str(p) for p in set(ref_by_key.values()))})")
+        loaded = [load(ref_by_key[k]) for k in preview_keys]
         if any(image is None for image in loaded):
             raise PosthocError("a reference image is unreadable: " + "; ".join(f"{path}: {why}" for path, why in skipped))
         shared_refs = loaded  # type: ignore[assignment]
-        reference_files = [str(ref_by_prompt[p]) for p in prompt_ids]
+        reference_files = [str(ref_by_key[k]) for k in preview_keys]
 
     candidates = []
     for (epoch, strength), slot in groups.items():
         probe = Candidate(epoch, strength, [], [])
-        lacking = [p for p in prompt_ids if p not in slot]
-        images_here = [load(slot[p].path) if p in slot else None for p in prompt_ids]
-        unreadable = [p for p, image in zip(prompt_ids, images_here) if image is None and p in slot]
+        lacking = [k for k in preview_keys if k not in slot]
+        images_here = [load(slot[k].path) if k in slot else None for k in preview_keys]
+        unreadable = [k for k, image in zip(preview_keys, images_here) if image is None and k in slot]
         if lacking or unreadable:
-            why = f"no image for prompt(s) {lacking}" if lacking else f"unreadable image for prompt(s) {unreadable}"
+            why = (f"no image for prompt(s) {', '.join(map(describe, lacking))}" if lacking
+                   else f"unreadable image for prompt(s) {', '.join(map(describe, unreadable))}")
             skipped.append((probe.label, f"{why}; this candidate is left out so that all are scored on the same prompts"))
             continue
-        candidate = Candidate(epoch, strength, images_here, [str(slot[p].path) for p in prompt_ids])  # type: ignore[arg-type]
+        candidate = Candidate(epoch, strength, images_here, [str(slot[k].path) for k in preview_keys])  # type: ignore[arg-type]
         if per_candidate_refs:
             if epoch not in per_candidate_refs:
                 skipped.append((probe.label, f"no control_{epoch:02d} image beside epoch_{epoch:02d}; left out"))
@@ -240,13 +264,18 @@ def collect_images(
     notes += harmonise_sizes(candidates, shared_refs)
     if scheme == "epoch_NN" and per_candidate_refs:
         notes.append("references: control_NN.png beside each epoch_NN.png")
-    return ImageSet(candidates, shared_refs, reference_files, labels, skipped, notes, scheme)
+    return ImageSet(candidates, shared_refs, reference_files, labels, skipped, notes, scheme, [k[1] for k in preview_keys])
 
 
-def _reference_files(path: Path, prompt_ids: list[int]) -> dict[int, Path]:
-    """--references: one image for every prompt, or a folder with one image per prompt (by index in the name, else in name order)."""
+def _reference_files(
+    path: Path, keys: list[tuple[int, int | None]], regex: re.Pattern | None = None
+) -> dict[tuple[int, int | None], Path]:
+    """--references: one image for every preview, or a folder with one image per prompt (by index in the name,
+    else in name order) or, when the previews carry seeds, one per prompt and seed (named by the --pattern,
+    else in name order)."""
+    prompt_ids = sorted({k[0] for k in keys})
     if path.is_file():
-        return {prompt: path for prompt in prompt_ids}
+        return {k: path for k in keys}
     if not path.is_dir():
         raise PosthocError(f"--references {path}: no such file or folder")
     files = _image_files(path)
@@ -258,16 +287,27 @@ def _reference_files(path: Path, prompt_ids: list[int]) -> dict[int, Path]:
         if match:
             kohya[int(match.group("prompt"))] = p  # later (newer) files win
     if kohya and all(prompt in kohya for prompt in prompt_ids):
-        return {prompt: kohya[prompt] for prompt in prompt_ids}
+        return {k: kohya[k[0]] for k in keys}
+    if regex is not None and any(k[1] is not None for k in keys):
+        named = {}
+        for p in files:
+            match = regex.match(p.name)
+            if match and match.groupdict().get("seed") is not None:
+                named[(int(match.groupdict().get("prompt") or 0), int(match.group("seed")))] = p
+        if all(k in named for k in keys):
+            return {k: named[k] for k in keys}
     if len(files) == 1:
-        return {prompt: files[0] for prompt in prompt_ids}
-    if len(files) != len(prompt_ids):
-        raise PosthocError(
-            f"--references {path}: {len(files)} images for {len(prompt_ids)} prompt(s); give one image per prompt "
-            f"(taken in name order) or a single image for all"
-        )
-    return dict(zip(prompt_ids, files))
-
+        return {k: files[0] for k in keys}
+    if len(files) == len(keys):
+        return dict(zip(keys, files))
+    if len(files) == len(prompt_ids):
+        by_prompt = dict(zip(prompt_ids, files))
+        return {k: by_prompt[k[0]] for k in keys}
+    per_seed = f" or one per prompt and seed ({len(keys)})" if len(keys) != len(prompt_ids) else ""
+    raise PosthocError(
+        f"--references {path}: {len(files)} images for {len(prompt_ids)} prompt(s); give one image per prompt "
+        f"(taken in name order){per_seed} or a single image for all"
+    )
 
 def harmonise_sizes(candidates: Sequence[Candidate], references: list[torch.Tensor] | None) -> list[str]:
     """Apply RESIZE_RULE in place; return one note per resized image."""
