@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lora_monitor import LoraMonitor, PreviewSpec
+from lora_monitor.policy import get_preset
 from lora_monitor.demo import load_image_folder
 from lora_monitor.integrations.trackers import listeners_for
 
@@ -59,7 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     monitor.add_argument("--preview_steps", type=int, default=20, help="sampling steps for prompts that do not set --s")
     monitor.add_argument("--preview_size", type=int, default=None, help="preview width and height (default: --resolution)")
     monitor.add_argument("--preview_every_n_epochs", type=int, default=1)
-    monitor.add_argument("--monitor_metric", default="brisque", help="the metric that picks the best epoch")
+    monitor.add_argument("--preset", default="quality", choices=["quality", "likeness", "loss"],
+                         help="quality: lowest BRISQUE; likeness: most like --refs_dir within adherence and diversity bounds "
+                              "relative to the base model; loss: lowest validation loss, DVAR stop (needs --validation_dir)")
+    monitor.add_argument("--monitor_metric", default=None, help="the metric that picks the best epoch (default: the preset's)")
+    monitor.add_argument("--refs_dir", default=None, help="reference images for likeness/memorization (default: --train_data_dir)")
+    monitor.add_argument("--validation_dir", default=None, help="held-out images with .txt captions: adds the validation loss")
+    monitor.add_argument("--seeds_per_prompt", type=int, default=1, help="previews per prompt with different seeds (diversity needs 2+)")
+    monitor.add_argument("--strip_words", action="append", default=[], help="a trigger word removed before CLIP-T adherence (repeatable)")
+    monitor.add_argument("--clip_model", default=None, help="CLIP for adherence (default: openai/clip-vit-base-patch32)")
+    monitor.add_argument("--dino_model", default=None, help="DINOv2 for likeness, diversity (default: facebook/dinov2-small)")
     monitor.add_argument("--patience", type=int, default=None, help="stop after N evaluations without improvement")
     monitor.add_argument("--min_delta", type=float, default=0.0)
     monitor.add_argument("--ssim_min", type=float, default=None, help="an epoch whose mean SSIM to the base is below this cannot be best")
@@ -97,11 +107,15 @@ def main(argv=None) -> None:
         spec = PreviewSpec.load(args.preview_prompts, steps=args.preview_steps, width=size, height=size, seed=args.seed)
     else:
         spec = PreviewSpec.from_prompts(args.validation_prompt or ["a photo"], steps=args.preview_steps, width=size, height=size, seed=args.seed)
+    spec = spec.with_seeds(args.seeds_per_prompt)
+    preset = get_preset(args.preset)
+    metrics = [args.monitor_metric or preset.monitor, *preset.metrics, *(["val_loss"] if args.validation_dir else [])]
     bounds = {"ssim": (args.ssim_min, args.ssim_max)} if args.ssim_min is not None or args.ssim_max is not None else None
     monitor = LoraMonitor(  # lora-monitor: the modules already in memory, no second UNet
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=noise_scheduler,
-        spec=spec, output_dir=output_dir / "monitor", monitor=args.monitor_metric,
-        metrics=tuple(dict.fromkeys([args.monitor_metric, "brisque", "ssim"])),
+        spec=spec, output_dir=output_dir / "monitor", preset=args.preset, monitor=args.monitor_metric,
+        metrics=tuple(dict.fromkeys(metrics)), references=args.refs_dir or args.train_data_dir, validation=args.validation_dir,
+        clip_model=args.clip_model, dino_model=args.dino_model, strip_words=args.strip_words,
         patience=args.patience, min_delta=args.min_delta, bounds=bounds, every_n_epochs=args.preview_every_n_epochs,
         listeners=listeners_for(args.report_to),  # previews and scores in W&B / TensorBoard
     )
