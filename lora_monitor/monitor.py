@@ -21,7 +21,7 @@ from lora_monitor import export as exporting
 from lora_monitor.policy import AGGREGATES, BestEpochPolicy, Decision, DvarRule, get_preset
 from lora_monitor.record import RunRecord, from_pil, save_png_atomic
 from lora_monitor.families import detect_family, get_family
-from lora_monitor.render import PreviewOutOfMemoryError, PreviewRenderer, preserved_rng_state
+from lora_monitor.render import PreviewOutOfMemoryError, PreviewRenderer, empty_device_cache, preserved_rng_state
 from lora_monitor.scoring import Scorer, get_scorer, score_images
 from lora_monitor.scoring.scorers import score_sets
 from lora_monitor.spec import PreviewSpec
@@ -146,6 +146,7 @@ class LoraMonitor:
         clip_model: str | None = None,
         dino_model: str | None = None,
         strip_words: Sequence[str] = (),
+        keep_signal_models: bool = True,
         every_n_epochs: int = 1,
         every_n_steps: int | None = None,
         batch_size: int = 4,
@@ -179,6 +180,7 @@ class LoraMonitor:
         wants_validation = VALIDATION_METRIC in metrics
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
+        self.keep_signal_models = keep_signal_models
         self.top_k = top_k
         self.export = export
         # Without the diffusers modules the monitor scores images rendered elsewhere (a trainer's own
@@ -491,6 +493,15 @@ class LoraMonitor:
                 scores[VALIDATION_METRIC] = [math.nan] * len(self.validation.data)
         return scores
 
+    def _release_signal_models(self) -> None:
+        """With keep_signal_models=False, hand the CLIP/DINOv2 weights' device memory back to training after each
+        evaluation (they load again, from the local cache, at the next)."""
+        if not self.keep_signal_models:
+            from lora_monitor.scoring.embeddings import release_embedding_models
+
+            release_embedding_models()
+            empty_device_cache()
+
     def _measure_base(self) -> None:
         """Score the base renders once (every signal, LoRA off): the values bounds like '0.9x' multiply, also
         written to base_scores.json and shown beside the epochs' scores."""
@@ -525,7 +536,10 @@ class LoraMonitor:
         self._check_sizes(epoch, range(len(images)), images, references)
         self._warn_non_finite(epoch, images)
         scores = self.score(images, references)
-        return self._decide(epoch, step, images, scores)
+        try:
+            return self._decide(epoch, step, images, scores)
+        finally:
+            self._release_signal_models()
 
     def evaluate_shard(
         self,
@@ -603,7 +617,10 @@ class LoraMonitor:
             shard_references = [references[i] for i in indices] if references is not None else None
             return indices, shard, self.score(shard, shard_references, indices)
 
-        shards = distributed.all_gather_checked(local, what=f"{self.unit} {epoch}'s previews")
+        try:
+            shards = distributed.all_gather_checked(local, what=f"{self.unit} {epoch}'s previews")
+        finally:
+            self._release_signal_models()
         count = len(self.spec)
         images = distributed.assemble([(shard, shard_images) for shard, shard_images, _ in shards], count)
         scores = {name: distributed.assemble([(shard, s[name]) for shard, _, s in shards], count) for name in shards[0][2]}
@@ -615,7 +632,10 @@ class LoraMonitor:
             return reports[0].decision, self.policy.state_dict(), list(self.top_k_epochs), reports[0].scores
 
         # the main process adds the signals that need every preview (diversity, validation loss) and decides
-        decision, policy_state, top_k_epochs, all_scores = distributed.broadcast_checked(decide, what=f"deciding on {self.unit} {epoch}")
+        try:
+            decision, policy_state, top_k_epochs, all_scores = distributed.broadcast_checked(decide, what=f"deciding on {self.unit} {epoch}")
+        finally:
+            self._release_signal_models()
         if reports:  # the main process
             return reports[0]
         self.policy.load_state_dict(policy_state)

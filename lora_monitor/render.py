@@ -390,7 +390,7 @@ class PreviewRenderer:
                             "memory; use smaller or fewer-step previews, or render less often"
                         ) from error
                     self.batch_size = max(1, len(batch) // 2)
-                    _empty_cache()
+                    empty_device_cache()
                     warnings.warn(
                         f"rendering {len(batch)} previews at once ran out of device memory; retrying {self.batch_size} at a time",
                         RuntimeWarning,
@@ -400,7 +400,7 @@ class PreviewRenderer:
                     continue
                 bar.update(len(batch))
         bar.close()
-        _empty_cache()
+        empty_device_cache()
         return [images[i] for i in wanted]
 
     def _render_batch(self, spec: PreviewSpec, batch: Sequence[int]) -> list[torch.Tensor]:
@@ -425,7 +425,7 @@ class PreviewOutOfMemoryError(RuntimeError):
     """Even one preview at a time does not fit in device memory (the monitor then skips that evaluation)."""
 
 
-def _empty_cache() -> None:
+def empty_device_cache() -> None:
     """Hand cached device memory back after rendering, so training gets it back."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()

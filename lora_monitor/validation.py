@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from lora_monitor.record import read_image
-from lora_monitor.render import _empty_cache, eval_mode, lora_disabled, preserved_rng_state
+from lora_monitor.render import empty_device_cache, eval_mode, lora_disabled, preserved_rng_state
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_LEVELS", "ValidationSet", "ValidationLoss"]
 
@@ -342,7 +342,7 @@ class ValidationLoss:
                 losses = self.item_losses([index for index, _ in batch], levels, noise).tolist()
                 for (index, _), value in zip(batch, losses):
                     totals[index] += value
-        _empty_cache()
+        empty_device_cache()
         return [total / len(self.timesteps) for total in totals]
 
     def _batches(self, items: list[tuple[int, int]]) -> Iterator[list[tuple[int, int]]]:

@@ -163,3 +163,20 @@ def test_validation_folder_and_missing_validation_are_checked_when_built(pipelin
     monitor = LoraMonitor(pipeline=pipeline, spec=small_spec, output_dir=tmp_path / "run", preset="loss", validation=str(folder), export=False)
     assert [tuple(image.shape) for image in monitor.validation.data.images] == [(3, 64, 64)] * 2  # cropped to the previews' size
     assert monitor.validation.data.captions[0] == (folder / "000.txt").read_text()
+
+
+def test_signal_models_can_be_let_go_after_each_evaluation(pipeline, spec, references, tiny_embedders, tmp_path):
+    from lora_monitor.scoring import embeddings
+
+    def loaded() -> list[str]:
+        return sorted(model.kind for model in embeddings._SHARED.values() if model.model is not None)
+
+    kept = likeness_monitor(pipeline, spec, references, tiny_embedders, tmp_path / "kept")
+    nudge_lora(pipeline.unet, seed=6)
+    first = kept.on_epoch_end(1)
+    assert loaded() == ["clip", "dino"]
+    freed = likeness_monitor(pipeline, spec, references, tiny_embedders, tmp_path / "freed", keep_signal_models=False)
+    second = freed.on_epoch_end(1)
+    assert loaded() == []  # released after the evaluation ...
+    for name in SIGNALS:  # ... and loaded again to give the same scores
+        assert second.scores[name] == pytest.approx(first.scores[name], abs=1e-6)
