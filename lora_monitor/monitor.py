@@ -167,8 +167,8 @@ class LoraMonitor:
         self.spec = spec if isinstance(spec, PreviewSpec) else PreviewSpec.load(spec)
         self.output_dir = Path(output_dir)
         self.unit = "epoch" if every_n_steps is None else "step"
-        # the preset fills in what is not given: metrics, monitored metric, bounds (explicit ones win) and stop rule
-        # (metrics given explicitly are taken as they are; the preset's gain what the monitor, bounds and DVAR read)
+        # the preset fills in what is not given: metrics, monitored metric, bounds (explicit ones win) and stop rule;
+        # metrics given explicitly are taken as they are, the preset's gain what the monitor, bounds and DVAR read
         self.preset = get_preset(preset)
         monitor = monitor or self.preset.monitor
         bounds = {**(self.preset.bounds if monitor == self.preset.monitor else {}), **(bounds or {})}
@@ -176,7 +176,6 @@ class LoraMonitor:
         if metrics is None:
             metrics = list(self.preset.metrics)
             metrics += [name for name in (monitor, *bounds, *([dvar.metric] if dvar else [])) if name not in metrics]
-        metrics = list(metrics)
         wants_validation = VALIDATION_METRIC in metrics
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
@@ -460,6 +459,8 @@ class LoraMonitor:
             logger.warning(message)
             self._warn_once("out-of-memory", message)
             return None
+        finally:
+            self._release_signal_models()
 
     @property
     def has_base_references(self) -> bool:
@@ -562,7 +563,10 @@ class LoraMonitor:
         images = self._checked_images(epoch, indices, images)
         if references is not None:
             self._check_sizes(epoch, indices, images, references)
-        return self._evaluate_shards(epoch, indices, lambda: images, step, references)
+        try:
+            return self._evaluate_shards(epoch, indices, lambda: images, step, references)
+        finally:
+            self._release_signal_models()
 
     def _checked_images(self, epoch: int, indices: Sequence[int], images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Images given to evaluate(): (3, H, W) RGB, float in [0, 1] (NaN allowed: a diverged run) or uint8
@@ -617,10 +621,7 @@ class LoraMonitor:
             shard_references = [references[i] for i in indices] if references is not None else None
             return indices, shard, self.score(shard, shard_references, indices)
 
-        try:
-            shards = distributed.all_gather_checked(local, what=f"{self.unit} {epoch}'s previews")
-        finally:
-            self._release_signal_models()
+        shards = distributed.all_gather_checked(local, what=f"{self.unit} {epoch}'s previews")
         count = len(self.spec)
         images = distributed.assemble([(shard, shard_images) for shard, shard_images, _ in shards], count)
         scores = {name: distributed.assemble([(shard, s[name]) for shard, _, s in shards], count) for name in shards[0][2]}
@@ -632,10 +633,7 @@ class LoraMonitor:
             return reports[0].decision, self.policy.state_dict(), list(self.top_k_epochs), reports[0].scores
 
         # the main process adds the signals that need every preview (diversity, validation loss) and decides
-        try:
-            decision, policy_state, top_k_epochs, all_scores = distributed.broadcast_checked(decide, what=f"deciding on {self.unit} {epoch}")
-        finally:
-            self._release_signal_models()
+        decision, policy_state, top_k_epochs, all_scores = distributed.broadcast_checked(decide, what=f"deciding on {self.unit} {epoch}")
         if reports:  # the main process
             return reports[0]
         self.policy.load_state_dict(policy_state)

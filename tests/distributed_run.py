@@ -65,6 +65,7 @@ def run(
     fail_rank: int | None = None,
     fail_epoch: int = 2,
     external: bool = False,
+    signals: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Load the model, add a LoRA, evaluate up to `epochs` epochs; returns what this rank saw."""
     from diffusers import StableDiffusionPipeline
@@ -83,6 +84,9 @@ def run(
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
     spec = preview_spec(prompts, size, steps)
     options = dict(spec=spec, output_dir=Path(output_dir) / "monitor", metrics=None, scorers=[Brightness(), _ssim()], monitor="brightness", patience=patience)
+    if signals is not None:  # embedding signals (diversity is whole-set: scored on the main process) and the validation loss
+        options.update(_signal_options(spec, size, *signals))
+        spec = options["spec"]
     if external:  # the trainer renders (kohya): the monitor only scores, decides and writes its weights
         monitor = LoraMonitor(write_weights=exporting.diffusers_lora_writer(pipe.unet), **options)
         renderer = PreviewRenderer(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
@@ -131,6 +135,18 @@ def run(
     return result
 
 
+def _signal_options(spec, size: int, clip: str, dino: str) -> dict[str, Any]:
+    from lora_monitor.scoring import get_scorer
+    from lora_monitor.scoring.signals import SignalOptions
+    from lora_monitor.validation import ValidationSet
+
+    generator = torch.Generator().manual_seed(11)
+    options = SignalOptions(references=[torch.rand(3, size, size, generator=generator) for _ in range(3)], clip_model=clip, dino_model=dino, device="cpu")
+    scorers = [Brightness(), _ssim(), *(get_scorer(name, options=options) for name in ("likeness", "adherence", "diversity"))]
+    held_out = ValidationSet([torch.rand(3, size, size, generator=generator) for _ in range(3)], ["a red circle", "a blue square", "a field"])
+    return dict(spec=spec.with_seeds(2), scorers=scorers, metrics=("val_loss",), validation=held_out)
+
+
 def _ssim():
     from lora_monitor.scoring import get_scorer
 
@@ -151,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--external", action="store_true", help="render outside the monitor and call evaluate_shard (the kohya path)")
+    parser.add_argument("--signals", nargs=2, metavar=("CLIP_DIR", "DINO_DIR"), help="also score likeness, adherence, diversity and val_loss")
     args = parser.parse_args(argv)
 
     accelerator = Accelerator(cpu=True)
@@ -170,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             fail_rank=int(fail_rank) if fail_rank else None,
             fail_epoch=int(os.environ.get("LORA_MONITOR_TEST_FAIL_EPOCH", "2")),
             external=args.external,
+            signals=tuple(args.signals) if args.signals else None,
         )
     except RankFailedError as error:
         (rank_dir / "error.txt").write_text(str(error), encoding="utf-8")

@@ -195,6 +195,23 @@ def test_only_rank_0_writes_the_record_and_exports(two_process_run, single_run):
     assert len(list((main / "previews" / "base").glob("*.png"))) == 4
 
 
+def test_signals_on_two_processes_match_one_process(tiny_model, tmp_path, tiny_embedders):
+    """Per-image signals are scored on each rank's share, diversity (every seed of a prompt at once) and the
+    validation loss on the main process; every rank ends with all of them, as one process has them."""
+    signals = (tiny_embedders["clip"], tiny_embedders["dino"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = distributed_run.run(tiny_model, tmp_path / "single", prompts=2, epochs=2, signals=signals)
+    finally:
+        torch.set_num_threads(threads)
+    done, _ = launch("accelerate", tiny_model, tmp_path / "two", "--prompts", "2", "--epochs", "2", "--signals", *signals)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ranks = results(tmp_path / "two")
+    assert set(single["scores"][1]) == {"brightness", "ssim", "likeness", "adherence", "diversity", "val_loss"}
+    assert_same_as_single(ranks, single)
+
+
 def test_a_rank_that_fails_while_rendering_stops_every_rank_with_its_name(tiny_model, tmp_path):
     done, seconds = launch("accelerate", tiny_model, tmp_path, LORA_MONITOR_TEST_FAIL_RANK="1", LORA_MONITOR_TEST_FAIL_EPOCH="2")
     assert done.returncode != 0
