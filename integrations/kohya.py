@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -47,6 +47,7 @@ from lora_monitor.kohya_names import (
     list_samples,
 )
 from lora_monitor.monitor import LoraMonitor
+from lora_monitor.policy import get_preset
 from lora_monitor.record import read_image
 from lora_monitor.spec import PreviewSpec
 
@@ -83,6 +84,62 @@ def images_in_order(by_index: Mapping[int, SampleFile], count: int, where: str) 
     if indices != list(range(count)):
         raise ValueError(f"{where}: found samples for prompt indices {indices}, expected 0..{count - 1} (one per prompt of the preview file)")
     return [read_image(by_index[i].path) for i in indices]
+
+
+def monitor_metrics(options: Mapping[str, Any]) -> list[str]:
+    """The metrics a LoraMonitor built with `options` computes: the given metrics, else its preset's (quality's
+    by default), with the bounded ones (a monitor refuses bounds on metrics it does not compute)."""
+    metrics = options.get("metrics") or get_preset(options.get("preset") or "quality").metrics
+    return list(dict.fromkeys([*metrics, *([options["monitor"]] if options.get("monitor") else []), *(options.get("bounds") or {})]))
+
+
+def check_seed_groups(spec: PreviewSpec, metrics: Iterable[str], source: str | os.PathLike) -> None:
+    """Diversity compares the seeds of each prompt; in a kohya prompt file (`source`) they are one line
+    repeated with other --d seeds. A prompt with a single seed, or repeated with the same seed (the same
+    image twice), is an error naming that fix, raised before training or scoring starts."""
+    if "diversity" not in metrics:
+        return
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(spec.seed_groups()):
+        members.setdefault(group, []).append(index)
+
+    def example(index: int) -> str:
+        text = spec.prompts[index].prompt
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    single = [indices[0] for indices in members.values() if len(indices) < 2]
+    if single:
+        listed = ", ".join(f"{index} ({example(index)!r})" for index in single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
+        raise ValueError(
+            f"the diversity metric compares the seeds of each prompt, but prompt(s) {listed} of {source} have a single seed: "
+            f"repeat each such line with another --d, e.g. `{example(single[0])} ... --d 1` and `{example(single[0])} ... --d 2` "
+            "(in a .toml or .json file: the entry again with another \"seed\"); or drop diversity (--preset quality, or --metrics without it)"
+        )
+    for indices in members.values():
+        seeds = [spec.prompts[index].seed for index in indices]
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if repeated:
+            same = [index for index in indices if spec.prompts[index].seed in repeated]
+            raise ValueError(
+                f"prompts {same} of {source} are the same prompt ({example(same[0])!r}) with the same seed {repeated[0]}: "
+                "they render the same image, so diversity would be 0; give each repeat of the line another --d"
+            )
+
+
+def describe_base(policy) -> str:
+    """The base model's values (LoRA off) and the bounds they resolve, for one line after the first
+    evaluation: 'adherence 0.2512, diversity 0.3301, ...; bounds: adherence >= 0.9x base (0.2512) = 0.226'."""
+    values = ", ".join(f"{name} {value:.4f}" for name, value in (policy.base or {}).items())
+    bounds = []
+    for name, (low, high) in policy.bounds.items():
+        try:
+            if low is not None:
+                bounds.append(f"{name} >= {policy.limit(name, low)[1]}")
+            if high is not None:
+                bounds.append(f"{name} <= {policy.limit(name, high)[1]}")
+        except ValueError:  # a relative bound whose base value is unknown: the epoch lines say so
+            continue
+    return values + (f"; bounds: {', '.join(bounds)}" if bounds else "")
 
 
 def _prompt_entries(source: Path) -> tuple[list[Any], bool] | None:
@@ -303,6 +360,7 @@ class KohyaSession:
         self.args: Any = None
         self.current: tuple[int, int] | None = None  # (epoch, step) being exported
         self.base_done = False
+        self._said_base = False
         self._before: set[Path] = set()
 
     # -- before training
@@ -329,6 +387,7 @@ class KohyaSession:
                        else f"give those prompts --d {trainer.min_seed} or more")
                 raise ValueError(f"kohya's {trainer.family} sampler ({trainer.sampler}) refuses seeds below {trainer.min_seed}: "
                                  f"prompt(s) {low} of {args.sample_prompts} would get seed(s) {[spec.prompts[i].seed for i in low]}; {fix}")
+        check_seed_groups(spec, monitor_metrics(self.monitor_options), args.sample_prompts)
         self.say(f"lora-monitor: kohya samples from {prompts} (your {args.sample_prompts} with a seed on every prompt)")
         if changed:
             seeds = ", ".join(f"{i}: {spec.prompts[i].seed}" for i in changed)
@@ -420,6 +479,9 @@ class KohyaSession:
         images = images_in_order(group_by_epoch(samples)[epoch], len(self.monitor.spec), where)
         self.current = (epoch, step)
         report = self.monitor.evaluate(epoch, images, step=step)
+        if self.monitor.policy.base and not self._said_base:
+            self._said_base = True
+            self.say(f"lora-monitor: base model (LoRA off): {describe_base(self.monitor.policy)}")
         values = ", ".join(f"{name} {value:.4f}" for name, value in report.aggregates.items())
         self.say(f"lora-monitor: epoch {epoch}: {values}{'  (best)' if report.is_best else ''}; {report.decision.reason}")
         if report.exported is not None:

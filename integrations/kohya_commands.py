@@ -5,10 +5,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from lora_monitor.kohya_names import KOHYA_TRAINERS
-from lora_monitor.policy import parse_bound
+from lora_monitor.policy import get_preset, parse_bound
+from lora_monitor.scoring.embeddings import ModelNotAvailableError
+from lora_monitor.signal_flags import (
+    TRAINING_REFERENCE_METRICS,
+    VALIDATION_METRIC,
+    add_preset_argument,
+    add_signal_arguments,
+    signal_settings,
+    split_names,
+)
 
 KOHYA_HELP = "run kohya-ss sd-scripts' LoRA trainer (SD, SDXL, SD3, FLUX.1, Lumina) with the monitor attached"
 KOHYA_DESCRIPTION = """\
@@ -19,6 +29,9 @@ file is copied at once to <output_dir>/best/ (before --save_last_n_epochs can de
 go to kohya's trackers (--log_with) and <output_dir>/scores.jsonl, and the run stops early, with
 exit code 0, when the policy says so. Prompts without --d get a fixed seed (the prompt file
 kohya reads is rewritten into <output_dir>/lora_monitor_prompts.txt|.json).
+--preset likeness picks the epoch most like your training images (--refs DIR) among those that still
+follow the prompt (adherence) and vary with the seed (diversity) as well as the base model nearly
+does; diversity compares the seeds of a prompt: repeat its line in the prompt file with another --d.
 --family picks sd-scripts' trainer script: sd train_network.py (the default), sdxl
 sdxl_train_network.py, sd3 sd3_train_network.py, flux flux_train_network.py, lumina
 lumina_train_network.py; --script names another (its family is known by its name or its trainer
@@ -35,6 +48,8 @@ example:
       --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors --network_module networks.lora_flux \\
       --train_data_dir data --output_dir out --output_name myflux --max_train_epochs 10 \\
       --save_every_n_epochs 1 --sample_prompts prompts.txt   # prompt lines like: a cat --g 3.5 --l 1.0
+  lora-monitor kohya --sd-scripts ~/sd-scripts --preset likeness --refs data/10_sks --strip-words sks -- \
+      ... --sample_prompts prompts.txt   # lines like: sks toy on a table --d 1 / sks toy on a table --d 2
 """
 
 WATCH_HELP = "follow a kohya output folder (any run, e.g. from the kohya_ss GUI) and score its samples"
@@ -43,38 +58,79 @@ Follow a running or finished kohya-ss output folder without touching the trainer
 epoch's sample PNGs as they appear (<output_dir>/sample/<name>_e<epoch>_<prompt>_...png), keep
 the record (previews/, scores.jsonl), copy the best epoch's network file to <output_dir>/best/,
 and when the policy says stop, write <output_dir>/STOP and print it (the trainer is never killed:
-stop it yourself). Restarting the watcher continues where it was. Base references for SSIM come
+stop it yourself). Restarting the watcher continues where it was. Base references for SSIM and
+for relative bounds (--preset likeness: adherence >= 0.9x, diversity >= 0.8x the base model's) come
 from --base, or the run's --sample_at_first samples (epoch 0)."""
 
 
 def add_monitor_arguments(parser: argparse.ArgumentParser, preview_seed_default: str = "0") -> None:
     group = parser.add_argument_group("monitor")
-    group.add_argument("--metrics", nargs="+", default=["brisque", "ssim"], help="scorers to run, space- or comma-separated (default: brisque ssim)")
-    group.add_argument("--metric", default=None, help="the metric that picks the best epoch (default: the first of --metrics)")
+    add_preset_argument(group)
+    group.add_argument("--metrics", nargs="+", default=None,
+                       help="scorers to run, space- or comma-separated; the monitored and bounded metrics are added when missing "
+                            "(default: the preset's; without --preset brisque ssim)")
+    group.add_argument("--metric", default=None,
+                       help="the metric that picks the best epoch (default: the preset's; without --preset the first of --metrics)")
     group.add_argument("--patience", type=int, default=None, help="stop after this many scored epochs without improvement (default: never stop)")
     group.add_argument("--min-delta", type=float, default=0.0, help="an improvement must beat the best by more than this (default: 0)")
     group.add_argument("--aggregate", default="mean", help="how per-prompt scores combine: mean, median, min, max (default: mean)")
     group.add_argument("--bound", action="append", default=[], metavar="METRIC=LO:HI",
-                       help="an epoch is eligible only if METRIC lies in [LO, HI] (either side may be empty), e.g. ssim=0.3:")
+                       help="an epoch is eligible only if METRIC lies in [LO, HI] (either side may be empty), e.g. ssim=0.3:; "
+                            "a side 0.9x is 0.9 times the base model's value, e.g. adherence=0.9x:")
     group.add_argument("--top-k", type=int, default=1, help="also keep the k best epochs under top_k/ (default: 1, best/ only)")
     group.add_argument("--preview-seed", type=int, default=0, help=f"prompt i without a seed gets this + i (default: {preview_seed_default})")
+    add_signal_arguments(parser)
+
+
+def _refuse_validation_loss(what: str, command: str) -> None:
+    """The validation loss runs the denoiser on held-out images in the training loop: neither command can."""
+    if command == "watch":
+        where = ("the watcher only reads the sample images and network files kohya writes and has no model to run. "
+                 "For a validation loss give the trainer --validation_split (sd-scripts logs loss/validation/* to its "
+                 "trackers), or train with the Python API: LoraMonitor(preset='loss', validation=...) in your own loop")
+    else:
+        where = ("the launcher only scores the samples kohya renders. kohya logs a validation loss of its own: give the "
+                 "trainer --validation_split 0.1 (with --log_with, its trackers get loss/validation/epoch_average); the "
+                 "monitor's in-loop val_loss (and the loss preset's DVAR stop) needs the Python API: "
+                 "LoraMonitor(preset='loss', validation=...) in your own training loop")
+    raise ValueError(f"{what}, which runs the model on held-out images during training: {where}. Here use --preset quality or --preset likeness")
 
 
 def monitor_options(args: argparse.Namespace) -> dict[str, Any]:
-    """LoraMonitor keyword arguments from the monitor options; checked by LoraMonitor itself."""
-    metrics = list(dict.fromkeys(m.strip() for item in args.metrics for m in item.split(",") if m.strip()))
-    monitor = args.metric or metrics[0]
+    """LoraMonitor keyword arguments from the monitor and signal options; --refs and the validation loss are
+    checked here, the rest by LoraMonitor itself. Without --preset: quality's settings, or the first of --metrics
+    as the monitored metric. Explicit --metrics gain the monitored and the bounded metrics."""
+    command = getattr(args, "monitor_command", "kohya")
+    preset = get_preset(args.preset or "quality")
+    explicit = split_names(args.metrics)
+    bounds = dict(parse_bound(text) for text in args.bound)
+    monitor = args.metric or (explicit[0] if explicit and not args.preset else preset.monitor)
+    if preset.name == "loss" or VALIDATION_METRIC in (monitor, *explicit, *bounds):
+        what = (f"--preset loss picks the epoch by the deterministic validation loss ({VALIDATION_METRIC})" if preset.name == "loss"
+                else f"the metric {VALIDATION_METRIC!r} is the deterministic validation loss")
+        _refuse_validation_loss(what, command)
+    metrics = list(explicit or preset.metrics)
     if monitor not in metrics:
         metrics.insert(0, monitor)
+    all_bounds = {**(preset.bounds if monitor == preset.monitor else {}), **bounds}
+    metrics += [name for name in all_bounds if name not in metrics]
     return dict(
+        preset=preset.name,
         metrics=tuple(metrics),
         monitor=monitor,
         patience=args.patience,
         min_delta=args.min_delta,
         aggregate=args.aggregate,
-        bounds=dict(parse_bound(text) for text in args.bound) or None,
+        bounds=bounds or None,
         top_k=args.top_k,
+        **signal_settings(args, metrics, base_flag="--base" if command == "watch" else None),
     )
+
+
+def _unused_refs_note(args: argparse.Namespace, options: dict[str, Any]) -> str | None:
+    if args.refs is not None and not any(name in TRAINING_REFERENCE_METRICS for name in options["metrics"]):
+        return f"note: --refs is unused: none of {', '.join(TRAINING_REFERENCE_METRICS)} is among the metrics"
+    return None
 
 
 def register(subparsers) -> None:
@@ -90,7 +146,7 @@ def register(subparsers) -> None:
     kohya.add_argument("--script", default=None,
                        help="a trainer script of the checkout, overriding the family's (its family is known by its name or its trainer class)")
     add_monitor_arguments(kohya, preview_seed_default="0; 1 for lumina, whose sampler refuses seed 0")
-    kohya.set_defaults(preview_seed=None)
+    kohya.set_defaults(preview_seed=None, monitor_command="kohya")
     kohya.add_argument("trainer_args", nargs=argparse.REMAINDER, metavar="-- TRAINER_ARGS", help="arguments of the trainer script")
     kohya.set_defaults(func=run_kohya)
 
@@ -105,7 +161,7 @@ def register(subparsers) -> None:
     watch.add_argument("--report-to", choices=["none", "wandb"], default="none", help="also log to W&B (default: none)")
     watch.add_argument("--wandb-project", default=None, help="W&B project for --report-to wandb")
     add_monitor_arguments(watch)
-    watch.set_defaults(func=run_watch)
+    watch.set_defaults(func=run_watch, monitor_command="watch")
 
 
 def run_kohya(args: argparse.Namespace) -> int:
@@ -117,24 +173,40 @@ def run_kohya(args: argparse.Namespace) -> int:
     if not trainer_args:
         raise ValueError("no trainer arguments: put them after `--`, e.g. lora-monitor kohya --sd-scripts PATH -- --output_dir out ...")
     family = "sdxl" if args.sdxl else args.family
-    return launch(args.sd_scripts, trainer_args, script=args.script, family=family, monitor_options=monitor_options(args),
-                  preview_seed=args.preview_seed)
+    options = monitor_options(args)
+    note = _unused_refs_note(args, options)
+    if note:
+        print(f"lora-monitor: {note}")
+    try:
+        return launch(args.sd_scripts, trainer_args, script=args.script, family=family, monitor_options=options,
+                      preview_seed=args.preview_seed)
+    except ModelNotAvailableError as error:  # a CLIP/DINOv2 model this machine does not have: as the post-hoc commands
+        print(f"lora-monitor kohya: error: {error}", file=sys.stderr)
+        return 1
 
 
 def run_watch(args: argparse.Namespace) -> int:
     from lora_monitor.integrations.kohya_watch import KohyaWatcher
 
+    options = monitor_options(args)
+    note = _unused_refs_note(args, options)
+    if note:
+        print(f"lora-monitor watch: {note}")
     listeners = []
     if args.report_to == "wandb":
         from lora_monitor.integrations.trackers import listeners_for
 
         listeners = listeners_for("wandb", project=args.wandb_project)
-    watcher = KohyaWatcher(
-        args.output_dir,
-        prompts=args.prompts,
-        output_name=args.output_name,
-        base=args.base,
-        monitor_options={**monitor_options(args), "listeners": listeners},
-        preview_seed=args.preview_seed,
-    )
+    try:
+        watcher = KohyaWatcher(
+            args.output_dir,
+            prompts=args.prompts,
+            output_name=args.output_name,
+            base=args.base,
+            monitor_options={**options, "listeners": listeners},
+            preview_seed=args.preview_seed,
+        )
+    except ModelNotAvailableError as error:  # a CLIP/DINOv2 model this machine does not have: as the post-hoc commands
+        print(f"lora-monitor watch: error: {error}", file=sys.stderr)
+        return 1
     return watcher.run(interval=args.interval, once=args.once)

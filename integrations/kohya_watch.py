@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from lora_monitor.export import export_checkpoint, read_sidecar, write_json_atomic
-from lora_monitor.integrations.kohya import CHECKPOINT_SUFFIXES, KOHYA_PROMPT_DEFAULTS, SAMPLE_DIR, images_in_order
+from lora_monitor.integrations.kohya import (
+    CHECKPOINT_SUFFIXES,
+    KOHYA_PROMPT_DEFAULTS,
+    SAMPLE_DIR,
+    check_seed_groups,
+    describe_base,
+    images_in_order,
+    monitor_metrics,
+)
 from lora_monitor.kohya_names import (
     SampleFile,
     epoch_checkpoint_name,
@@ -80,7 +88,9 @@ class KohyaWatcher:
         self.base = Path(base) if base else None
         if self.base is not None and not self.base.is_dir():
             raise FileNotFoundError(f"--base folder not found: {self.base}")
-        self.monitor = LoraMonitor(spec=self.spec, output_dir=self.output_dir, write_weights=self._write_checkpoint, **dict(monitor_options or {}))
+        monitor_options = dict(monitor_options or {})
+        check_seed_groups(self.spec, monitor_metrics(monitor_options), self.prompts)
+        self.monitor = LoraMonitor(spec=self.spec, output_dir=self.output_dir, write_weights=self._write_checkpoint, **monitor_options)
         self.output_name = output_name
         self.name_known = output_name is not None
         self.pending: int | None = None  # best epoch whose checkpoint is not copied yet
@@ -90,6 +100,7 @@ class KohyaWatcher:
         self._looks: dict[Path, tuple[int, int]] = {}
         self._stable: set[Path] = set()
         self._said: set[str] = set()
+        self._said_base = False
         self._load_state()
 
     # ------------------------------------------------------------------ the loop
@@ -175,6 +186,9 @@ class KohyaWatcher:
             self._say_once("seeds", f"lora-monitor watch: the seeds in the sample names of prompts {odd} differ from {self.prompts}: is it the run's prompt file?")
         self.current_epoch = epoch
         report = self.monitor.evaluate(epoch, images)
+        if self.monitor.policy.base and not self._said_base:
+            self._said_base = True
+            self.say(f"lora-monitor watch: base model (LoRA off): {describe_base(self.monitor.policy)}")
         values = ", ".join(f"{name} {value:.4f}" for name, value in report.aggregates.items())
         self.say(f"lora-monitor watch: epoch {epoch}: {values}{'  (best)' if report.is_best else ''}; {report.decision.reason}")
         if report.is_best:

@@ -10,7 +10,6 @@ import sys
 import warnings
 
 from lora_monitor.families import FAMILIES
-from lora_monitor.policy import PRESETS
 from lora_monitor.posthoc.candidates import MAX_STRENGTHS
 from lora_monitor.posthoc.help_text import (
     COMMON_EPILOG,
@@ -20,14 +19,16 @@ from lora_monitor.posthoc.help_text import (
     STRENGTH_DESCRIPTION,
 )
 from lora_monitor.posthoc.tables import table, to_csv
-from lora_monitor.scoring.embeddings import DEFAULT_CLIP, DEFAULT_DINO
+from lora_monitor.signal_flags import (
+    TRAINING_REFERENCE_METRICS,
+    VALIDATION_METRIC,
+    add_preset_argument,
+    add_signal_arguments,
+    signal_settings,
+    split_names,
+)
 
 __all__ = ["analyse_args", "main", "register", "run", "table", "to_csv"]
-
-#: The metrics that compare previews with the training images given by --refs.
-TRAINING_REFERENCE_METRICS = ("likeness", "likeness_clip", "memorization")
-#: The deterministic validation loss: it runs the denoiser on held-out images, which post-hoc has not.
-VALIDATION_METRIC = "val_loss"
 
 
 def register(subparsers) -> None:
@@ -101,16 +102,11 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     render.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model precision (default: float32)")
 
     policy = parser.add_argument_group("scoring and policy (the in-training monitor's)")
-    policy.add_argument(
-        "--preset", choices=list(PRESETS),
-        help="metrics, monitored metric and bounds by name (see 'presets' below): quality (BRISQUE), likeness (likeness with "
-             "adherence >= 0.9x and diversity >= 0.8x the base model's; needs --refs, --prompts and several seeds a prompt); "
-             "loss is refused post-hoc (default: quality's settings)",
-    )
+    add_preset_argument(policy)
     policy.add_argument("--metric", default=None, help="the metric that picks the best (default: the preset's; brisque, lower is better)")
     policy.add_argument(
         "--metrics", default=None,
-        help="metrics to compute, comma-separated, taken as given (default: the preset's; brisque,ssim; ssim only with base images); "
+        help="metrics to compute, comma-separated (or space-separated in quotes), taken as given (default: the preset's; brisque,ssim; ssim only with base images); "
              "see 'signals' below",
     )
     policy.add_argument("--min-delta", type=float, default=0.0, help="a later candidate must be better by more than this (default: 0)")
@@ -121,18 +117,7 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
              "base model's value (e.g. adherence=0.9x:)",
     )
 
-    signals = parser.add_argument_group("embedding signals (likeness, likeness_clip, memorization, adherence, diversity)")
-    signals.add_argument(
-        "--refs", metavar="DIR",
-        help="folder of TRAINING (reference) images that likeness, likeness_clip and memorization compare every preview with "
-             "(not the base model's images: those are --references)",
-    )
-    signals.add_argument("--clip-model", metavar="NAME_OR_DIR", help=f"CLIP model for adherence and likeness_clip: a cached hub name or a folder (default: {DEFAULT_CLIP})")
-    signals.add_argument("--dino-model", metavar="NAME_OR_DIR", help=f"DINOv2 model for likeness, memorization and diversity: a cached hub name or a folder (default: {DEFAULT_DINO})")
-    signals.add_argument(
-        "--strip-words", action="append", default=[], metavar="WORD[,WORD]",
-        help="trigger words removed from the prompts before CLIP-T (adherence), e.g. sks: made-up tokens mean nothing to CLIP (repeatable)",
-    )
+    add_signal_arguments(parser)
 
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -190,7 +175,7 @@ def _policy_settings(args: argparse.Namespace):
         metrics = list(preset.metrics)
         metrics += [name for name in (monitor, *bounds) if name not in metrics]
     else:
-        metrics = list(dict.fromkeys(m.strip() for m in args.metrics.split(",") if m.strip()))
+        metrics = split_names(args.metrics)
         if monitor not in metrics:
             chosen = "--metric" if args.metric else f"the monitored metric of the {preset.name} preset"
             raise PosthocError(
@@ -208,29 +193,14 @@ def _policy_settings(args: argparse.Namespace):
 
 def _signal_options(args: argparse.Namespace, metrics: list[str], device: str | None):
     """The settings of the embedding signals, with --refs checked now (before anything is rendered)."""
-    from pathlib import Path
-
     from lora_monitor.posthoc import PosthocError
-    from lora_monitor.scoring.signals import REFERENCE_SUFFIXES, SignalOptions
+    from lora_monitor.scoring.signals import SignalOptions
 
-    wanting = [name for name in metrics if name in TRAINING_REFERENCE_METRICS]
-    if args.refs is not None:
-        folder = Path(args.refs)
-        if not folder.is_dir():
-            raise PosthocError(
-                f"--refs {args.refs}: no such folder; --refs is the folder of training images that "
-                f"{', '.join(TRAINING_REFERENCE_METRICS)} compare with"
-            )
-        if not any(p.is_file() and p.suffix.lower() in REFERENCE_SUFFIXES for p in folder.iterdir()):
-            raise PosthocError(f"--refs {args.refs}: the folder holds no images ({', '.join(REFERENCE_SUFFIXES)})")
-    elif wanting:
-        raise PosthocError(
-            f"the metric(s) {', '.join(wanting)} compare every preview with the training images: pass --refs DIR, the folder "
-            "of training (reference) images (--references is the base model's images, which they do not use)"
-        )
-    words = tuple(word.strip() for item in args.strip_words for word in item.split(",") if word.strip())
-    settings = {"references": args.refs, "clip_model": args.clip_model, "dino_model": args.dino_model, "device": device}
-    return SignalOptions(**{name: value for name, value in settings.items() if value is not None}, strip_words=words)
+    try:
+        settings = signal_settings(args, metrics, base_flag="--references")
+    except ValueError as error:
+        raise PosthocError(str(error)) from None
+    return SignalOptions(**settings, **({"device": device} if device is not None else {}))
 
 
 def analyse_args(args: argparse.Namespace):
