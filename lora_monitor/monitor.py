@@ -18,7 +18,7 @@ import torch
 
 from lora_monitor import distributed
 from lora_monitor import export as exporting
-from lora_monitor.policy import AGGREGATES, BestEpochPolicy, Decision, DvarRule, get_preset
+from lora_monitor.policy import AGGREGATES, VALIDATION_METRIC, BestEpochPolicy, Decision, DvarRule, get_preset
 from lora_monitor.record import RunRecord, from_pil, save_png_atomic
 from lora_monitor.families import detect_family, get_family
 from lora_monitor.render import PreviewOutOfMemoryError, PreviewRenderer, empty_device_cache, preserved_rng_state
@@ -28,8 +28,6 @@ from lora_monitor.spec import PreviewSpec
 
 logger = logging.getLogger("lora_monitor")
 STATE_VERSION = 1
-#: The deterministic validation loss's metric name (computed by the denoiser, not from the previews).
-VALIDATION_METRIC = "val_loss"
 
 
 def _signal_options(references, clip_model, dino_model, strip_words, device):

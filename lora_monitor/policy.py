@@ -28,10 +28,13 @@ def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values)
 
 
-#: How per-prompt values become one number per epoch.
+#: The deterministic validation loss's metric name: computed by the denoiser on held-out images, not from previews.
+VALIDATION_METRIC = "val_loss"
+
 #: What an evaluation key counts: epochs, or optimizer steps for loops that evaluate every N steps.
 UNITS = ("epoch", "step")
 
+#: How per-prompt values become one number per epoch.
 AGGREGATES: dict[str, Callable[[Sequence[float]], float]] = {
     "mean": _mean,
     "median": statistics.median,
@@ -116,7 +119,7 @@ class DvarRule:
     loss has stopped moving. Checked from the (window + 1)-th evaluation on; a non-finite value in the
     window, or a loss that never moved, does not stop."""
 
-    metric: str = "val_loss"
+    metric: str = VALIDATION_METRIC
     window: int = 5
     threshold: float = 0.15
 

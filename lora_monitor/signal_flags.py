@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Iterable
 
-from lora_monitor.policy import PRESETS
+from lora_monitor.policy import PRESETS, VALIDATION_METRIC
 from lora_monitor.scoring.embeddings import DEFAULT_CLIP, DEFAULT_DINO
 from lora_monitor.scoring.signals import REFERENCE_SUFFIXES
 
@@ -27,8 +27,6 @@ __all__ = [
 
 #: The metrics that compare previews with the training images given by --refs.
 TRAINING_REFERENCE_METRICS = ("likeness", "likeness_clip", "memorization")
-#: The deterministic validation loss: it runs the denoiser on held-out images, which no command has.
-VALIDATION_METRIC = "val_loss"
 
 PRESET_HELP = (
     "metrics, monitored metric and bounds by name: quality (lowest BRISQUE), likeness (highest likeness among epochs "
