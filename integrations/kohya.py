@@ -20,6 +20,7 @@ The watcher (kohya_watch.py) shares the file contract defined here.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import inspect
@@ -27,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +37,22 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from lora_monitor.export import write_json_atomic
+from lora_monitor import distributed
+from lora_monitor.export import export_checkpoint, read_sidecar, write_json_atomic
 from lora_monitor.kohya_names import (
     KOHYA_TRAINERS,
+    FolderLock,
     KohyaTrainer,
     SampleFile,
+    check_output_name,
     family_of_script,
     family_of_trainer_class,
     group_by_epoch,
     last_checkpoint_name,
     list_samples,
 )
-from lora_monitor.monitor import LoraMonitor
-from lora_monitor.policy import get_preset
+from lora_monitor.monitor import EpochReport, LoraMonitor
+from lora_monitor.policy import BestEpochPolicy, get_preset
 from lora_monitor.record import read_image
 from lora_monitor.spec import PreviewSpec
 
@@ -78,12 +83,58 @@ def prompt_defaults(family: str | None) -> dict[str, Any]:
     return dict(trainer.sample_defaults if trainer else KOHYA_PROMPT_DEFAULTS)
 
 
+class UnreadableSampleError(ValueError):
+    """A sample image that does not decode, whatever the decoder raised (OSError, ValueError, SyntaxError,
+    PIL's DecompressionBombError, ...); `path` is the file and `why` the decoder's error."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path} does not decode: {why}")
+        self.path = path
+        self.why = why
+
+
+def read_sample(path: str | os.PathLike) -> torch.Tensor:
+    """One sample image as (3, H, W) floats in [0, 1]; any decoding error as an UnreadableSampleError naming the file."""
+    try:
+        return read_image(path)
+    except Exception as error:  # PIL raises many kinds for a damaged or hostile file: each is "unreadable"
+        raise UnreadableSampleError(Path(path), f"{type(error).__name__}: {error}") from error
+
+
 def images_in_order(by_index: Mapping[int, SampleFile], count: int, where: str) -> list[torch.Tensor]:
-    """The images of prompts 0..count-1; a missing or extra index is an error naming `where`."""
+    """The images of prompts 0..count-1; a missing or extra index, or a file that does not decode, is an error naming `where`."""
     indices = sorted(by_index)
     if indices != list(range(count)):
         raise ValueError(f"{where}: found samples for prompt indices {indices}, expected 0..{count - 1} (one per prompt of the preview file)")
-    return [read_image(by_index[i].path) for i in indices]
+    try:
+        return [read_sample(by_index[i].path) for i in indices]
+    except UnreadableSampleError as error:
+        raise UnreadableSampleError(error.path, f"{error.why} ({where})") from error.__cause__
+
+
+def sample_point(args: Any, epoch: int | None, step: int) -> bool:
+    """Whether kohya's sampler renders at this call of sample_images (library/train_util.py, sample_images_common):
+    step 0 only with --sample_at_first; otherwise epoch ends every --sample_every_n_epochs epochs, or, without it,
+    steps every --sample_every_n_steps steps inside an epoch."""
+    if step == 0:
+        return bool(getattr(args, "sample_at_first", False))
+    every_epochs, every_steps = getattr(args, "sample_every_n_epochs", None), getattr(args, "sample_every_n_steps", None)
+    if every_epochs is not None:
+        return epoch is not None and epoch % every_epochs == 0
+    return every_steps is not None and epoch is None and step % every_steps == 0
+
+
+def decision_text(report: EpochReport, policy: BestEpochPolicy, stopped_before: int | None) -> str:
+    """The policy's sentence for an evaluation; once the policy has stopped (`stopped_before`: the epoch it stopped
+    at, before this evaluation) a sentence of its own, as the wait count then goes past the patience."""
+    if stopped_before is None:
+        return report.decision.reason
+    if report.is_best:
+        return (f"a new best after the stop at epoch {stopped_before} (the trainer went on); the policy stays stopped, "
+                f"best/ now holds epoch {report.epoch}")
+    best = (f"the best, epoch {policy.best_epoch} ({policy.metric} {policy.best_value:.4f})" if policy.best_epoch is not None
+            else "no eligible epoch yet")
+    return f"not better than {best}; already stopped at epoch {stopped_before} (the trainer went on past the stop)"
 
 
 def monitor_metrics(options: Mapping[str, Any]) -> list[str]:
@@ -164,6 +215,11 @@ def _prompt_entries(source: Path) -> tuple[list[Any], bool] | None:
         return None
 
 
+def prompts_target(source: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Where fixed_seed_prompts writes the prompt file kohya reads: <folder>/lora_monitor_prompts.txt for a .txt source, else .json."""
+    return Path(folder) / f"{PROMPTS_STEM}{'.txt' if Path(source).suffix.lower() == '.txt' else '.json'}"
+
+
 def fixed_seed_prompts(
     source: str | os.PathLike, folder: str | os.PathLike, seed: int = 0, *, defaults: Mapping[str, Any] | None = None
 ) -> tuple[Path, PreviewSpec, list[int]]:
@@ -199,17 +255,18 @@ def fixed_seed_prompts(
             entry = {**entry, "seed": prompt.seed}
             changed.append(index)
         fixed.append(entry)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    target = prompts_target(source, folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".txt":
-        target = folder / f"{PROMPTS_STEM}.txt"
         text = "".join(line + "\n" for line in fixed)
     else:
-        target = folder / f"{PROMPTS_STEM}.json"
         text = json.dumps(fixed, indent=2, ensure_ascii=False) + "\n"
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, target)
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
     rewritten = PreviewSpec.load(target, seed=seed, **defaults)
     if rewritten.fingerprint() != spec.fingerprint():  # pragma: no cover - a bug of ours, not of the input
         raise RuntimeError(f"rewriting {source} with fixed seeds changed its prompts; please report this")
@@ -347,6 +404,16 @@ class TrainingStopped(BaseException):
         self.reason = reason
 
 
+class TrainingFailed(RuntimeError):
+    """The trainer raised during training (kohya's own code or a hook of ours); its traceback has been printed."""
+
+
+def network_preloaded(args: Any) -> bool:
+    """Whether the network starts from saved weights (--network_weights, --dim_from_weights): then kohya's samples
+    before training show those weights, not the base model."""
+    return bool(getattr(args, "network_weights", None) or getattr(args, "dim_from_weights", False))
+
+
 class KohyaSession:
     """The monitor's side of one kohya run: checks the arguments, fixes the seeds, scores samples."""
 
@@ -359,9 +426,13 @@ class KohyaSession:
         self.network: Any = None
         self.args: Any = None
         self.current: tuple[int, int] | None = None  # (epoch, step) being exported
-        self.base_done = False
+        self.started = False  # sample_images was called once (the accelerator is attached, the base is handled)
+        self.saved_from_network: int | None = None  # the epoch whose best/ weights were saved through save_weights
+        self.scored = False  # this start scored an epoch: what it wrote belongs to the record
+        self.prompts_before: tuple[Path, bytes | None] | None = None  # the prompt file kohya reads, and what it held before this start
+        self.lock: FolderLock | None = None
+        self.main_rank = os.environ.get("RANK", "0") == "0"  # set by accelerate launch and torchrun; the Accelerator comes later
         self._said_base = False
-        self._before: set[Path] = set()
 
     # -- before training
     def prepare(self, args) -> None:
@@ -376,8 +447,20 @@ class KohyaSession:
             args.sample_every_n_epochs = 1
             self.say("lora-monitor: no --sample_every_n_epochs given: kohya samples every epoch, and each epoch is scored")
         output_dir = Path(args.output_dir)
+        if getattr(args, "output_name", None) is not None:
+            check_output_name(args.output_name, "the trainer's --output_name")
+        if self.main_rank:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = FolderLock(output_dir, "lora-monitor kohya", say=self.say).acquire()
         family = self.checkout.family
+        target = prompts_target(args.sample_prompts, output_dir)
+        self.prompts_before = (target, target.read_bytes() if target.is_file() else None)
         prompts, spec, changed = fixed_seed_prompts(args.sample_prompts, output_dir, self.preview_seed, defaults=prompt_defaults(family))
+        if self.main_rank:
+            for other in sorted(output_dir.glob(f"{PROMPTS_STEM}.*")):
+                if other != prompts and other.suffix in (".txt", ".json") and other.is_file():
+                    other.unlink()
+                    self.say(f"lora-monitor: removed {other}, left by an earlier start from another prompt file; kohya reads {prompts}")
         trainer = KOHYA_TRAINERS.get(family) if family else None
         if trainer is not None and trainer.min_seed:
             low = [i for i, prompt in enumerate(spec.prompts) if prompt.seed < trainer.min_seed]
@@ -401,50 +484,79 @@ class KohyaSession:
         self.monitor = LoraMonitor(spec=spec, output_dir=output_dir, write_weights=self._write_checkpoint, **options)
         state = output_dir / LAUNCHER_STATE
         if getattr(args, "resume", None) and state.is_file():
-            self.monitor.load_state_dict(json.loads(state.read_text(encoding="utf-8")))
-            self.say(f"lora-monitor: resumed the monitor's state from {state} (best epoch so far: {self.monitor.best_epoch})")
+            self._load_state(state)
         self.args = args
 
-    # -- the hooks
-    def before_samples(self, call: SampleCall) -> None:
-        self._before = {s.path for s in list_samples(Path(call.args.output_dir) / SAMPLE_DIR)}
-        if not self.base_done:
-            self.base_done = True
+    def _load_state(self, path: Path) -> None:
+        """Continue the monitor from a resumed run's state file; one that scored nothing and does not fit (a start
+        that failed early) is replaced with a note, one that scored epochs and does not fit is an error naming it."""
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            scored = [entry.get("epoch") for entry in state["policy"]["history"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path}: not a lora-monitor launcher state ({type(error).__name__}: {error}); move it away to start the monitor afresh") from None
+        try:
+            self.monitor.load_state_dict(state)
+        except (ValueError, KeyError, TypeError) as error:
+            if not scored:
+                self.say(f"lora-monitor: ignoring {path}: it scored no epoch and does not fit this run ({error}); it is replaced at the first epoch")
+                return
+            raise ValueError(f"{path} (epochs {scored} scored) cannot be continued: {error}. Move it away (with scores.jsonl and best/) to start "
+                             "the monitor afresh") from None
+        self.say(f"lora-monitor: resumed the monitor's state from {path} (best epoch so far: {self.monitor.best_epoch})")
+
+    # -- the hook
+    def on_sample_images(self, call: SampleCall) -> Any:
+        """One call of the trainer's sample_images: kohya samples (or not: it calls this at every step and decides
+        inside), and at its sample points the new samples are read. The first call renders the base references,
+        unless kohya's own --sample_at_first samples, rendered at this call with the network off, are them."""
+        args = call.args
+        first = not self.started
+        if first:
+            self.started = True
             if self.monitor.accelerator is None:
                 self.monitor.attach(call.accelerator)
-            if self.monitor.needs_references:
-                self._render_base(call)
+        point = sample_point(args, call.epoch, call.step)
+        base_from_first = first and point and call.epoch == 0 and self.monitor.needs_references and not network_preloaded(args)
+        if first and self.monitor.needs_references and not base_from_first:
+            self._render_base(call)
+        if not point:  # kohya returns at once: nothing to look at
+            return call.run()
+        folder = Path(args.output_dir) / SAMPLE_DIR
+        before = {s.path for s in list_samples(folder)}
+        if base_from_first:
+            with self._network_off():
+                result = call.run()
+            self._take_base(call.accelerator, folder, before, f"kohya's own --sample_at_first samples (network multiplier 0): {folder}")
+            return result
+        result = call.run()
+        if call.epoch:  # None: a step sample point; 0: --sample_at_first, before any training
+            self._after_samples(call, before)
+        return result
 
-    def after_samples(self, accelerator, args, epoch: int | None, step: int) -> None:
-        if not epoch:  # None: a step sample point; 0: --sample_at_first, before any training
-            return
+    def _after_samples(self, call: SampleCall, before: set[Path]) -> None:
+        accelerator, args, epoch, step = call.accelerator, call.args, call.epoch, call.step
         accelerator.wait_for_everyone()  # sampling is split between processes
-        stop = False
-        if accelerator.is_main_process:
-            samples = [s for s in list_samples(Path(args.output_dir) / SAMPLE_DIR, args.output_name) if s.epoch == epoch and s.path not in self._before]
+
+        def score() -> str | None:  # rank 0 only; a failure there reaches every rank as an error instead of a hang
+            samples = [s for s in list_samples(Path(args.output_dir) / SAMPLE_DIR, args.output_name) if s.epoch == epoch and s.path not in before]
             if samples:
                 self._evaluate(epoch, step, samples)
-            stop = self.monitor.policy.stopped_epoch == epoch  # the policy stopped at this epoch
-        if accelerator.num_processes > 1:  # only the main process scored: every rank follows its decision
-            from accelerate.utils import broadcast_object_list
+            policy = self.monitor.policy
+            return (policy.stop_reason or "the monitor's policy stopped the run") if policy.stopped_epoch == epoch else None
 
-            stop = broadcast_object_list([stop])[0]
-        if stop:
+        stop_reason = distributed.broadcast_checked(score, what=f"scoring epoch {epoch}'s samples (read, scored and exported by rank 0)")
+        if stop_reason is not None:
             if step >= args.max_train_steps:
                 self.say("lora-monitor: (this was the last epoch anyway: kohya saves the final network as usual)")
                 return
             accelerator.end_training()  # finish the trackers, as kohya would after its loop
-            raise TrainingStopped(epoch, self.monitor.policy.stop_reason or "the monitor's policy stopped the run")
+            raise TrainingStopped(epoch, stop_reason)
 
     # -- internals
-    def _render_base(self, call: SampleCall) -> None:
-        """kohya renders the same prompts and seeds with the network's multiplier at 0 (the base model):
-        the trainer's own sample_images, called again with the arguments it was given, but args
-        (output_dir under BASE_DIR, sample_at_first), epoch and step set for a step-0 sample."""
-        accelerator, args = call.accelerator, call.args
-        base_args = copy.copy(args)
-        base_args.output_dir = str(Path(args.output_dir) / BASE_DIR)
-        base_args.sample_at_first = True
+    @contextlib.contextmanager
+    def _network_off(self):
+        """The network's multiplier at 0 (the base model) inside the block, as it was afterwards."""
         network = self.network
         has_multiplier = network is not None and hasattr(network, "set_multiplier")
         if not has_multiplier:
@@ -453,37 +565,56 @@ class KohyaSession:
                 "are the network's samples before training, which are the base model only when it starts at zero "
                 "(kohya's LoRA does: lora_up is zero-initialised; not with --network_weights)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
+            yield
+            return
+        previous = getattr(network, "multiplier", 1.0)
+        network.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            network.set_multiplier(previous)
+
+    def _render_base(self, call: SampleCall) -> None:
+        """kohya renders the same prompts and seeds with the network's multiplier at 0 (the base model):
+        the trainer's own sample_images, called again with the arguments it was given, but args
+        (output_dir under BASE_DIR, sample_at_first), epoch and step set for a step-0 sample."""
+        base_args = copy.copy(call.args)
+        base_args.output_dir = str(Path(call.args.output_dir) / BASE_DIR)
+        base_args.sample_at_first = True
         folder = Path(base_args.output_dir) / SAMPLE_DIR
         before = {s.path for s in list_samples(folder)}
-        previous = getattr(network, "multiplier", 1.0) if has_multiplier else None
-        if has_multiplier:
-            network.set_multiplier(0.0)
-        try:
+        with self._network_off():
             call.again(base_args, 0, 0)
-        finally:
-            if has_multiplier:
-                network.set_multiplier(previous)
+        self._take_base(call.accelerator, folder, before, f"base references rendered by kohya with the network multiplier at 0: {folder}")
+
+    def _take_base(self, accelerator, folder: Path, before: set[Path], source: str) -> None:
+        """The new epoch-0 samples in `folder` become the base references (rank 0 reads them; a failure there ends every rank)."""
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            samples = [s for s in list_samples(folder, args.output_name) if s.epoch == 0 and s.path not in before]
-            by_index = group_by_epoch(samples).get(0, {})
-            images = images_in_order(by_index, len(self.monitor.spec), f"base renders in {folder}")
+
+        def read() -> None:
+            samples = [s for s in list_samples(folder, self.args.output_name) if s.epoch == 0 and s.path not in before]
+            images = images_in_order(group_by_epoch(samples).get(0, {}), len(self.monitor.spec), f"base renders in {folder}")
             self.monitor.set_base_references(images)
             self.monitor.record.save_previews(None, images, [p.seed for p in self.monitor.spec.prompts])
-            self.say(f"lora-monitor: base references rendered by kohya with the network multiplier at 0: {folder}")
+            self.say(f"lora-monitor: {source}")
+
+        distributed.broadcast_checked(read, what="reading the base renders (rank 0)")
 
     def _evaluate(self, epoch: int, step: int, samples: list[SampleFile]) -> None:
         where = f"epoch {epoch} samples in {samples[0].path.parent}"
         images = images_in_order(group_by_epoch(samples)[epoch], len(self.monitor.spec), where)
         self.current = (epoch, step)
+        stopped_before = self.monitor.policy.stopped_epoch
         report = self.monitor.evaluate(epoch, images, step=step)
+        self.scored = True
         if self.monitor.policy.base and not self._said_base:
             self._said_base = True
             self.say(f"lora-monitor: base model (LoRA off): {describe_base(self.monitor.policy)}")
         values = ", ".join(f"{name} {value:.4f}" for name, value in report.aggregates.items())
-        self.say(f"lora-monitor: epoch {epoch}: {values}{'  (best)' if report.is_best else ''}; {report.decision.reason}")
+        text = decision_text(report, self.monitor.policy, stopped_before)
+        self.say(f"lora-monitor: epoch {epoch}: {values}{'  (best)' if report.is_best else ''}; {text}")
         if report.exported is not None:
             self.say(f"lora-monitor: epoch {epoch} is the best so far: copied to {report.exported}")
         write_json_atomic(Path(self.args.output_dir) / LAUNCHER_STATE, self.monitor.state_dict())
@@ -498,12 +629,81 @@ class KohyaSession:
         source = Path(args.output_dir) / name
         if source.is_file():
             shutil.copy2(source, folder / name)
+            self.saved_from_network = None
             return
         if self.network is None or not hasattr(self.network, "save_weights"):
             raise RuntimeError(f"cannot export epoch {epoch}: {source} does not exist and the trainer gave no network object to save")
         _, save_dtype = train_util.prepare_dtype(args)
         metadata = {"ss_epoch": str(epoch), "ss_steps": str(step), "ss_output_name": str(args.output_name), "lora_monitor": "saved by lora-monitor at the epoch's sample point"}
         self.network.save_weights(str(folder / name), save_dtype, metadata)
+        self.saved_from_network = epoch
+
+    # -- after training
+    def adopt_final_file(self) -> None:
+        """When the best epoch is the last one, best/ holds the network saved at its sample point with a few metadata
+        keys; kohya's final file, written after the loop, holds the same weights with kohya's full metadata. best/
+        takes kohya's file instead (checked: same epoch in its metadata, same tensors)."""
+        epoch = self.saved_from_network
+        if epoch is None or epoch != self.monitor.policy.best_epoch or not self.main_rank:
+            return
+        args, train_util = self.args, self.checkout.train_util
+        suffix = "." + args.save_model_as
+        last_name = getattr(train_util, "get_last_ckpt_name", None)
+        final = Path(args.output_dir) / (last_name(args, suffix) if last_name else last_checkpoint_name(args.output_name, suffix))
+        best = Path(args.output_dir) / "best"
+        ours = best / train_util.get_epoch_ckpt_name(args, suffix, epoch)
+        why = self._final_differs(final, ours, epoch)
+        if why is None:
+            try:
+                sidecar = read_sidecar(best)
+            except (OSError, ValueError) as error:
+                why = f"{best} has no readable sidecar ({error})"
+            else:
+                why = None if sidecar.get("epoch") == epoch else f"{best} holds epoch {sidecar.get('epoch')!r}"
+        if why is not None:
+            self.say(f"lora-monitor: best/ keeps the network saved at epoch {epoch}'s sample point: {why}")
+            return
+        export_checkpoint(best, lambda folder: shutil.copy2(final, folder / final.name), {**sidecar, "checkpoint_source": final.name})
+        self.saved_from_network = None
+        self.say(f"lora-monitor: the best epoch {epoch} is the last: {best} holds kohya's final {final.name}, with its full metadata")
+
+    @staticmethod
+    def _final_differs(final: Path, ours: Path, epoch: int) -> str | None:
+        """Why kohya's final file cannot stand for epoch `epoch`'s export `ours`; None when it can."""
+        if not final.is_file():
+            return f"kohya's final {final.name} was not written"
+        if final.suffix != ".safetensors" or ours.suffix != ".safetensors" or not ours.is_file():
+            return f"only .safetensors files are compared ({final.name})"
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(final), "pt") as theirs, safe_open(str(ours), "pt") as mine:
+                final_epoch = (theirs.metadata() or {}).get("ss_epoch")
+                if final_epoch is not None and str(final_epoch) != str(epoch):
+                    return f"kohya's final {final.name} is epoch {final_epoch}"
+                if set(theirs.keys()) != set(mine.keys()) or any(not torch.equal(theirs.get_tensor(k), mine.get_tensor(k)) for k in mine.keys()):
+                    return f"kohya's final {final.name} holds other weights than epoch {epoch}'s"
+        except Exception as error:  # a damaged final file: keep what best/ holds
+            return f"kohya's final {final.name} does not read ({type(error).__name__}: {error})"
+        return None
+
+    def clean_up(self, failed: bool) -> None:
+        """Release the folder's lock; after a failed start that scored nothing, the prompt file it wrote is put back as it
+        was before (removed when there was none), so nothing of that start is left to confuse the next."""
+        if failed and not self.scored and self.main_rank and self.prompts_before is not None:
+            target, before = self.prompts_before
+            if before is None:
+                target.unlink(missing_ok=True)
+            else:
+                temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+                try:
+                    temporary.write_bytes(before)
+                    os.replace(temporary, target)
+                finally:
+                    temporary.unlink(missing_ok=True)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 #: The leading parameters of every trainer's sample_images, by position (their names as in train_network.py).
@@ -558,6 +758,10 @@ class SampleCall:
                 keywords[self.names[position]] = value
         return self.method(*arguments, **keywords)
 
+    def run(self) -> Any:
+        """The call as kohya made it."""
+        return self.method(*self.arguments, **self.keywords)
+
 
 def monitored_trainer_class(base: type, session: KohyaSession) -> type:
     """A subclass of kohya's trainer whose hooks feed `session`. Hook arguments pass through as given;
@@ -574,14 +778,28 @@ def monitored_trainer_class(base: type, session: KohyaSession) -> type:
             return result
 
         def sample_images(self, *arguments, **keywords):
-            call = SampleCall(super().sample_images, arguments, keywords)
-            session.before_samples(call)
-            result = call.method(*arguments, **keywords)
-            session.after_samples(call.accelerator, call.args, call.epoch, call.step)
-            return result
+            return session.on_sample_images(SampleCall(super().sample_images, arguments, keywords))
 
     MonitoredTrainer.__name__ = MonitoredTrainer.__qualname__ = f"Monitored{base.__name__}"
     return MonitoredTrainer
+
+
+def parse_trainer_args(checkout: Checkout, trainer_args: list[str]) -> Any:
+    """The trainer's arguments, parsed by its own parser (with its config file read) under its own name: its
+    errors read `<script>: error: ...` and are followed by a line saying they are about the arguments after `--`."""
+    parser = checkout.module.setup_parser()
+    parser.prog = Path(checkout.script).name
+    try:
+        args = parser.parse_args(trainer_args)
+        verify = getattr(checkout.train_util, "verify_command_line_training_args", None)
+        if verify is not None:
+            verify(args)
+        return checkout.train_util.read_config_from_file(args, parser)
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            print(f"lora-monitor kohya: the error above is {parser.prog}'s (from {checkout.root}), about the trainer arguments "
+                  f"after `--`; `lora-monitor kohya --sd-scripts {checkout.root} -- --help` lists them", file=sys.stderr)
+        raise
 
 
 def launch(
@@ -598,21 +816,19 @@ def launch(
     monitor attached. `family` (a KOHYA_TRAINERS key: sd, sdxl, sd3, flux, lumina) picks the script;
     `script` names one explicitly (its family is known by its name or its trainer class); neither:
     train_network.py. `preview_seed` None: the smallest seed the family's sampler takes (0; Lumina: 1).
-    Returns 0 after a full run or an early stop by the policy."""
+    Returns 0 after a full run or an early stop by the policy. An error inside training prints its
+    traceback and raises TrainingFailed; the trainer's own argument errors exit as its parser does."""
     script, family = choose_trainer(family, script)
     checkout = load_checkout(sd_scripts, script, family)
     if preview_seed is None:
         trainer_info = KOHYA_TRAINERS.get(checkout.family) if checkout.family else None
         preview_seed = trainer_info.min_seed if trainer_info else 0
-    parser = checkout.module.setup_parser()
     saved_argv = sys.argv
     sys.argv = [str(checkout.root / script), *trainer_args]  # sd-scripts inspects the command line
+    session: KohyaSession | None = None
+    failed = True
     try:
-        args = parser.parse_args(trainer_args)
-        verify = getattr(checkout.train_util, "verify_command_line_training_args", None)
-        if verify is not None:
-            verify(args)
-        args = checkout.train_util.read_config_from_file(args, parser)
+        args = parse_trainer_args(checkout, trainer_args)
         session = KohyaSession(checkout, monitor_options or {}, preview_seed=preview_seed, say=say)
         session.prepare(args)
         trainer = monitored_trainer_class(checkout.trainer_class, session)()
@@ -625,13 +841,20 @@ def launch(
             reason = stop.reason.removeprefix(f"Stopping at epoch {stop.epoch}: ")  # the policy's sentence starts so too
             say(f"lora-monitor: stopped early after epoch {stop.epoch}: {reason}")
             say(f"lora-monitor: trackers finished; kohya's final {last_checkpoint_name(args.output_name, '.' + args.save_model_as)} is not written")
+        except Exception as error:
+            traceback.print_exc(file=sys.stderr)
+            raise TrainingFailed(f"{script} failed during training: {type(error).__name__}: {error} (its traceback is above)") from error
         else:
             session.monitor.close()
+            session.adopt_final_file()
             policy = session.monitor.policy
             say(f"lora-monitor: training finished; {policy.stop_reason or f'best epoch by {policy.metric}: {policy.best_epoch}'}")
         best = Path(args.output_dir) / "best"
         if session.monitor.best_epoch is not None:
             say(f"lora-monitor: best epoch {session.monitor.best_epoch}: {best} ; scores: {session.monitor.record.scores_path}")
+        failed = False
         return 0
     finally:
+        if session is not None:
+            session.clean_up(failed)
         sys.argv = saved_argv

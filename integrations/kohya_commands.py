@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Any
 
-from lora_monitor.kohya_names import KOHYA_TRAINERS
+from lora_monitor.kohya_names import KOHYA_TRAINERS, FolderLockedError
 from lora_monitor.policy import get_preset, parse_bound
 from lora_monitor.scoring.embeddings import ModelNotAvailableError
 from lora_monitor.signal_flags import (
@@ -28,7 +28,10 @@ made by kohya with the network multiplier at 0, same prompts and seeds), the bes
 file is copied at once to <output_dir>/best/ (before --save_last_n_epochs can delete it), scores
 go to kohya's trackers (--log_with) and <output_dir>/scores.jsonl, and the run stops early, with
 exit code 0, when the policy says so. Prompts without --d get a fixed seed (the prompt file
-kohya reads is rewritten into <output_dir>/lora_monitor_prompts.txt|.json).
+kohya reads is rewritten into <output_dir>/lora_monitor_prompts.txt|.json). With --sample_at_first
+kohya's own step-0 samples, rendered with the network off, are the base references. When the last
+epoch is the best, best/ ends up holding kohya's final <output_name>.safetensors with its metadata.
+An error inside training prints its traceback and exits with code 1.
 --preset likeness picks the epoch most like your training images (--refs DIR) among those that still
 follow the prompt (adherence) and vary with the seed (diversity) as well as the base model nearly
 does; diversity compares the seeds of a prompt: repeat its line in the prompt file with another --d.
@@ -60,7 +63,13 @@ the record (previews/, scores.jsonl), copy the best epoch's network file to <out
 and when the policy says stop, write <output_dir>/STOP and print it (the trainer is never killed:
 stop it yourself). Restarting the watcher continues where it was. Base references for SSIM and
 for relative bounds (--preset likeness: adherence >= 0.9x, diversity >= 0.8x the base model's) come
-from --base, or the run's --sample_at_first samples (epoch 0)."""
+from --base, or the run's --sample_at_first samples (epoch 0).
+One lora-monitor process scores a folder at a time: a second watcher (or the launcher) on the same
+folder exits with code 2 naming the first (<output_dir>/lora_monitor.lock; a lock whose process is
+gone is replaced). Network files are copied only from inside the folder (links out of it are refused)
+and only when they check out: a .safetensors header that parses, a .ckpt/.pt only with --allow-pickle.
+A sample that does not decode is named once, and given up once the run's final file is written;
+--once lists what it could not score."""
 
 
 def add_monitor_arguments(parser: argparse.ArgumentParser, preview_seed_default: str = "0") -> None:
@@ -157,7 +166,10 @@ def register(subparsers) -> None:
     watch.add_argument("--output-name", default=None, help="the run's --output_name (default: read from the sample names)")
     watch.add_argument("--base", default=None, metavar="DIR", help="base-model renders of the prompts (kohya-named or NN_*.png); default: the run's epoch-0 samples")
     watch.add_argument("--interval", type=float, default=10.0, help="seconds between looks at the folder (default: 10)")
-    watch.add_argument("--once", action="store_true", help="score what is there now and exit")
+    watch.add_argument("--once", action="store_true", help="score what is there now, list what could not be scored, and exit")
+    watch.add_argument("--allow-pickle", action="store_true",
+                       help="copy .ckpt/.pt network files into best/ (checked with torch.load(weights_only=True)); "
+                            "without it only .safetensors files are copied, as unpickling can run arbitrary code")
     watch.add_argument("--report-to", choices=["none", "wandb"], default="none", help="also log to W&B (default: none)")
     watch.add_argument("--wandb-project", default=None, help="W&B project for --report-to wandb")
     add_monitor_arguments(watch)
@@ -165,7 +177,7 @@ def register(subparsers) -> None:
 
 
 def run_kohya(args: argparse.Namespace) -> int:
-    from lora_monitor.integrations.kohya import launch
+    from lora_monitor.integrations.kohya import TrainingFailed, launch
 
     trainer_args = list(args.trainer_args)
     if trainer_args[:1] == ["--"]:
@@ -180,9 +192,12 @@ def run_kohya(args: argparse.Namespace) -> int:
     try:
         return launch(args.sd_scripts, trainer_args, script=args.script, family=family, monitor_options=options,
                       preview_seed=args.preview_seed)
-    except ModelNotAvailableError as error:  # a CLIP/DINOv2 model this machine does not have: as the post-hoc commands
+    except (ModelNotAvailableError, TrainingFailed) as error:  # a model this machine lacks; an error inside training (traceback shown)
         print(f"lora-monitor kohya: error: {error}", file=sys.stderr)
         return 1
+    except FolderLockedError as error:
+        print(f"lora-monitor kohya: error: {error}", file=sys.stderr)
+        return 2
 
 
 def run_watch(args: argparse.Namespace) -> int:
@@ -205,8 +220,12 @@ def run_watch(args: argparse.Namespace) -> int:
             base=args.base,
             monitor_options={**options, "listeners": listeners},
             preview_seed=args.preview_seed,
+            allow_pickle=args.allow_pickle,
         )
     except ModelNotAvailableError as error:  # a CLIP/DINOv2 model this machine does not have: as the post-hoc commands
         print(f"lora-monitor watch: error: {error}", file=sys.stderr)
         return 1
+    except FolderLockedError as error:  # another watcher (or the launcher) scores this folder
+        print(f"lora-monitor watch: error: {error}", file=sys.stderr)
+        return 2
     return watcher.run(interval=args.interval, once=args.once)

@@ -3,11 +3,23 @@
 Shared by the post-hoc commands and the kohya launcher and watcher; names only, no sd-scripts code.
 Samples go to {output_dir}/sample/{output_name}_e{epoch:06d}_{i:02d}_{YYYYmmddHHMMSS}_{seed}.png;
 an epoch's network is {output_name}-{epoch:06d}.safetensors, the last one {output_name}.safetensors.
+
+Names and paths read from files (a state file, a sidecar, a prompt file) are checked before they are
+used: an output name is one file-name stem (`check_output_name`), and a file the watcher reads or
+copies must lie inside the output folder once its links are followed (`inside_folder`).
+
+One lora-monitor process scores an output folder at a time: `FolderLock` holds
+<output_dir>/lora_monitor.lock (created exclusively, with the holder's pid and host) while a watcher
+or the launcher runs; a lock whose process is gone from this host is stale and replaced with a note.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,6 +31,35 @@ SAMPLE_NAME = re.compile(
 #: An epoch's network file: {output_name}-{epoch:06d}.safetensors.
 CHECKPOINT_NAME = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})\.safetensors$")
 _ANY = object()
+#: Characters an output name may not hold: it is joined to the output folder as one file name.
+_NAME_FORBIDDEN = {"/", "\\", "\0"} | ({":"} if os.name == "nt" else set())
+
+
+def check_output_name(value: Any, source: str) -> str:
+    """`value` (an output name read from `source`: a state file, a sidecar, a command-line flag) when it is one
+    file-name stem kohya could have written; a ValueError naming `source` and the value otherwise."""
+    if not isinstance(value, str) or not value or value in (".", "..") or value.startswith("..") or _NAME_FORBIDDEN & set(value):
+        raise ValueError(
+            f"{source}: output name {value!r} is not a plain file name (no path separators, no '..', not empty); "
+            "lora-monitor joins it to the output folder and refuses anything that could point elsewhere"
+        )
+    return value
+
+
+class OutsideFolderError(ValueError):
+    """A path that leads outside the folder it was read from once its links are followed."""
+
+
+def inside_folder(path: str | os.PathLike, folder: str | os.PathLike, what: str) -> Path:
+    """`path` with its links followed, when that lies inside `folder` (itself resolved); an OutsideFolderError
+    naming `what` and the link otherwise. Files are never read or copied from outside the output folder."""
+    path, root = Path(path), Path(folder).resolve()
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        link = " (a symbolic link)" if path.is_symlink() else ""
+        raise OutsideFolderError(f"{what} {path}{link} leads to {resolved}, outside {root}: refused (lora-monitor never follows "
+                                 "links out of the output folder; put the file itself there)")
+    return resolved
 
 
 @dataclass(frozen=True)
@@ -128,3 +169,123 @@ def family_of_trainer_class(cls: type) -> str | None:
     if cls.__name__ == base:
         return "sd"
     return next((by_class[c.__name__] for c in cls.__mro__ if c.__name__ in by_class and c.__name__ != base), None)
+
+
+# ------------------------------------------------------------------------------------ the folder lock
+LOCK_FILE = "lora_monitor.lock"
+#: A lock file that does not parse is taken for one being written for this long, then for a leftover.
+UNREADABLE_LOCK_GRACE_S = 10.0
+_held_here: set[str] = set()  # the tokens of the locks this process holds
+
+
+class FolderLockedError(RuntimeError):
+    """Another lora-monitor process holds the output folder's lock; the message says which."""
+
+
+def _process_alive(pid: int) -> bool | None:
+    """Whether process `pid` runs on this host; None where that cannot be told (Windows, whose os.kill ends processes)."""
+    if os.name == "nt":
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return None
+    return True
+
+
+class FolderLock:
+    """<folder>/lora_monitor.lock while a watcher or the launcher scores the folder (see the module docstring).
+
+    `acquire` creates it with O_EXCL; when it exists, a holder on this host whose pid is gone (or is this
+    process's pid without this process holding it: a restarted container) is stale: the file is set aside and
+    `say` gets a note. Any other holder raises FolderLockedError naming its pid, host, command and start time."""
+
+    def __init__(self, folder: str | os.PathLike, command: str, say=print) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self.command = command
+        self.say = say
+        self.token: str | None = None
+
+    def acquire(self) -> "FolderLock":
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex}
+        for _ in range(3):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._break_if_stale()
+                continue
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(holder, handle)
+            self.token = holder["token"]
+            _held_here.add(self.token)
+            return self
+        raise FolderLockedError(f"could not take {self.path}: it was replaced while being checked; try again")
+
+    def release(self) -> None:
+        """Remove the lock file if it is still this lock's (never another process's)."""
+        if self.token is None:
+            return
+        if self._read().get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+        _held_here.discard(self.token)
+        self.token = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def _read(self) -> dict[str, Any]:
+        return self._read_at(self.path)
+
+    def _break_if_stale(self) -> None:
+        holder = self._read()
+        pid, host = holder.get("pid"), holder.get("host")
+        if not isinstance(pid, int) or not isinstance(host, str):
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return
+            if age < UNREADABLE_LOCK_GRACE_S:  # another process may be writing it just now
+                raise FolderLockedError(f"{self.path} is being taken by another lora-monitor process; try again in a few seconds")
+            why = "it does not name a holder (a leftover of a crash while it was written)"
+        else:
+            here = host == socket.gethostname()
+            alive = _process_alive(pid) if here else None
+            if pid == os.getpid() and here and holder.get("token") not in _held_here:
+                alive = False  # our pid, but not our lock: left by an earlier process that had this pid
+            who = f"{holder.get('command', 'lora-monitor')} (pid {pid} on host {host}, started {holder.get('started', 'at an unknown time')})"
+            if alive is not False:
+                checked = "" if here and alive else (" (it cannot be checked from here" + (": another host)" if not here else ")"))
+                raise FolderLockedError(
+                    f"{self.path.parent} is already being scored by {who}{checked}: two processes scoring one folder "
+                    f"would overwrite each other's best/ and scores. Wait for it or stop it; if it is no longer running, delete {self.path}")
+            why = f"its holder, {who}, is no longer running"
+        aside = self.path.with_name(f".{LOCK_FILE}.stale-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:  # another process broke it first
+            return
+        if self._read_at(aside) != holder:  # it was replaced after we read it: put the live lock back
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return
+        aside.unlink(missing_ok=True)
+        self.say(f"lora-monitor: replaced a stale lock {self.path}: {why}")
+
+    @staticmethod
+    def _read_at(path: Path) -> dict[str, Any]:
+        try:
+            holder = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}

@@ -21,7 +21,12 @@ encoding the sample prompts once before training (--cache_text_encoder_outputs).
 our tiny diffusers pipeline of the family, and log every sample (with the fake network's multiplier
 at that moment) to <output_dir>/fake_samples.jsonl. The network is a peft LoRA on the denoiser whose
 set_multiplier scales it, as kohya's LoRANetwork does. Its "training" sets the LoRA to a scripted
-size each epoch (--fake_schedule), so which epoch is best is known in advance.
+size each epoch (--fake_schedule), so which epoch is best is known in advance. Like kohya, the main
+process alone saves network files (with some of kohya's ss_* metadata keys; the final file also
+ss_training_finished_at), and with several processes each renders its share of the prompts.
+Test switches: --fake_cpu (Accelerator(cpu=True), for accelerate launch on CPU processes),
+--fake_fail_at_epoch N (a ValueError inside the loop), --fake_corrupt_sample EPOCH:INDEX (that
+sample written as bytes that do not decode).
 """
 from __future__ import annotations
 
@@ -156,7 +161,10 @@ def sample_images_common(family, accelerator, args, epoch, steps, components, te
     pipe = pipeline_of(family, components)
     save_dir = args.output_dir + "/sample"
     os.makedirs(save_dir, exist_ok=True)
-    for prompt in load_prompts(args.sample_prompts):
+    prompts = load_prompts(args.sample_prompts)
+    if accelerator.num_processes > 1:  # kohya splits the prompts between the processes; each writes its own
+        prompts = prompts[accelerator.process_index::accelerator.num_processes]
+    for prompt in prompts:
         seed = prompt.get("seed")
         assert seed is None or seed >= sampler["min_seed"], f"Invalid seed {seed}"
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -182,6 +190,10 @@ def sample_images_common(family, accelerator, args, epoch, steps, components, te
         i = prompt["enum"]
         name = f"{'' if args.output_name is None else args.output_name + '_'}{number}_{i:02d}_{time.strftime('%Y%m%d%H%M%S')}{'' if seed is None else '_' + str(seed)}.png"
         image.save(os.path.join(save_dir, name))
+        if getattr(args, "fake_corrupt_sample", None) == f"{epoch}:{i}":
+            with open(os.path.join(save_dir, name), "r+b") as damaged:
+                damaged.seek(40)
+                damaged.write(b"\\x00" * 64)
         record = dict(family=family, file=name, epoch=epoch, steps=steps, seed=seed, multiplier=FAKE_STATE["multiplier"],
                       scale=scale, guidance_scale=guidance, width=width, height=height, cached=cached)
         with open(os.path.join(args.output_dir, "fake_samples.jsonl"), "a", encoding="utf-8") as log:
@@ -196,11 +208,18 @@ TRAIN_NETWORK = '''
 import argparse
 import math
 import os
+import time
 
 import torch
 from accelerate import Accelerator
 
 from library import strategy_base, train_util
+
+
+def kohya_metadata(args, epoch, steps):
+    """Some of the ss_* keys kohya's train_network.py writes into every network file it saves."""
+    return {"ss_epoch": str(epoch), "ss_steps": str(steps), "ss_output_name": str(args.output_name), "ss_network_module": "networks.lora",
+            "ss_network_dim": "4", "ss_network_alpha": "4", "ss_base_model_version": "sd_v1", "ss_session_id": "1234"}
 
 
 class FakeNetwork:
@@ -256,7 +275,7 @@ class NetworkTrainer:
     def train(self, args):
         from peft import LoraConfig, inject_adapter_in_model
 
-        accelerator = Accelerator(log_with=args.log_with, project_dir=args.logging_dir)
+        accelerator = Accelerator(log_with=args.log_with, project_dir=args.logging_dir, cpu=args.fake_cpu)
         if args.log_with:
             accelerator.init_trackers("network_train")
         text_encoders, vae, unet, tokenizers = self.load_target_model(args)
@@ -285,18 +304,22 @@ class NetworkTrainer:
                     break
             accelerator.wait_for_everyone()
             if args.save_every_n_epochs is not None:
-                if (epoch + 1) % args.save_every_n_epochs == 0 and (epoch + 1) < num_train_epochs:
+                if (epoch + 1) % args.save_every_n_epochs == 0 and (epoch + 1) < num_train_epochs and accelerator.is_main_process:
                     name = train_util.get_epoch_ckpt_name(args, "." + args.save_model_as, epoch + 1)
-                    network.save_weights(os.path.join(args.output_dir, name), None, {"ss_epoch": epoch + 1})
+                    network.save_weights(os.path.join(args.output_dir, name), None, kohya_metadata(args, epoch + 1, global_step))
                     remove = train_util.get_remove_epoch_no(args, epoch + 1)
                     if remove is not None:
                         old = os.path.join(args.output_dir, train_util.get_epoch_ckpt_name(args, "." + args.save_model_as, remove))
                         if os.path.exists(old):
                             os.remove(old)
+            if args.fake_fail_at_epoch == epoch + 1:
+                raise ValueError(f"fake failure inside kohya's training loop at epoch {epoch + 1}")
             self.sample_images(accelerator, args, epoch + 1, global_step, accelerator.device, vae, tokenizers, text_encoder, unet)
         accelerator.end_training()
         name = train_util.get_last_ckpt_name(args, "." + args.save_model_as)
-        network.save_weights(os.path.join(args.output_dir, name), None, {"ss_epoch": num_train_epochs})
+        metadata = dict(kohya_metadata(args, num_train_epochs, global_step), ss_training_finished_at=str(time.time()))
+        if accelerator.is_main_process:
+            network.save_weights(os.path.join(args.output_dir, name), None, metadata)
 
 
 def setup_parser():
@@ -316,7 +339,11 @@ def setup_parser():
     parser.add_argument("--log_with", default=None)
     parser.add_argument("--logging_dir", default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--network_weights", default=None)
     parser.add_argument("--fake_schedule", default="0.1")
+    parser.add_argument("--fake_cpu", action="store_true", help="Accelerator(cpu=True): several CPU processes under accelerate launch --multi_gpu")
+    parser.add_argument("--fake_fail_at_epoch", type=int, default=None, help="raise a ValueError in the loop at this epoch's end")
+    parser.add_argument("--fake_corrupt_sample", default=None, help="EPOCH:INDEX: that sample is written as bytes that do not decode")
     return parser
 
 

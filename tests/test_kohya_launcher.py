@@ -85,17 +85,24 @@ def test_early_stop_copies_best_before_rotation_and_exits_zero(checkout, tiny_mo
     assert "monitor/ssim_mean" in accumulator.Tags()["scalars"]
 
 
-def test_last_epoch_best_is_saved_from_the_network(checkout, tiny_model, prompts, tmp_path):
+def test_last_epoch_best_is_kohyas_final_file_with_its_metadata(checkout, tiny_model, prompts, tmp_path, capsys):
+    """The last epoch has no numbered file: at its sample point the network is saved into best/ (few metadata keys);
+    once kohya writes its final file after the loop, best/ holds that file instead, with kohya's full metadata."""
     argv = ["kohya", "--sd-scripts", str(checkout), "--metrics", "ssim", "--"]
     argv += trainer_args(tmp_path, tiny_model, prompts, "--max_train_epochs", "2", "--fake_schedule", "1.0,0.05", "--save_every_n_epochs", "1")
     assert run_cli(argv) == 0
     out = tmp_path / "out"
+    assert "the best epoch 2 is the last" in capsys.readouterr().out
     assert [line["epoch"] for line in read_scores(out)] == [1, 2]
-    assert read_sidecar(out / "best")["epoch"] == 2
-    # the last epoch has no numbered file: the network was saved into best/ at its sample point,
-    # and holds the same weights as kohya's final file written after the loop
-    best = load_file(out / "best" / "mylora-000002.safetensors")
-    final = load_file(out / "mylora.safetensors")
+    sidecar = read_sidecar(out / "best")
+    assert sidecar["epoch"] == 2 and sidecar["checkpoint_source"] == "mylora.safetensors"
+    assert sorted(p.name for p in (out / "best").iterdir()) == ["lora_monitor.json", "mylora.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "best" / "mylora.safetensors"), "pt") as best, safe_open(str(out / "mylora.safetensors"), "pt") as final:
+        assert best.metadata() == final.metadata()
+        assert {"ss_training_finished_at", "ss_network_module", "ss_session_id"} <= set(best.metadata())
+    best, final = load_file(out / "best" / "mylora.safetensors"), load_file(out / "mylora.safetensors")
     assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
     state = json.loads((out / kohya.LAUNCHER_STATE).read_text())
     assert state["policy"]["best_epoch"] == 2

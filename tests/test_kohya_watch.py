@@ -29,6 +29,10 @@ STAMP = "20260216120000"
 
 @pytest.fixture(scope="module")
 def renders(tiny_model) -> dict[int, list[bytes]]:
+    return render_epochs(tiny_model)
+
+
+def render_epochs(tiny_model: str) -> dict[int, list[bytes]]:
     """PNG bytes per epoch: 0 = base (LoRA off); epoch e = LoRA at SCALES[e]."""
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
