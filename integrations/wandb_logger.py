@@ -15,9 +15,13 @@ A monitor built with every_n_steps is keyed by step instead: plotted against `mo
 contact-sheet columns, and the artifact alias `step-400`.
 
 It logs into the run the user already has (accelerate's wandb tracker, or `wandb.run`) or starts
-one. W&B failing never stops training: the first failure is one warning, a run that cannot start
-turns the listener off, and the monitor's local record is written whatever W&B does. Only the
-main process logs. Nothing from the environment goes into config or metadata.
+one. Its rows never move the run's step: each joins the row open at the run's current step
+(`log(..., commit=False)`) and is committed by the user's next log, so a user's own
+`log(..., step=global_step)` at that same step still lands (a committed row would have moved the
+step past it, and wandb drops rows logged to an earlier step). W&B failing never stops training:
+the first failure is one warning, a run that cannot start turns the listener off, and the
+monitor's local record is written whatever W&B does. Only the main process logs. Nothing from
+the environment goes into config or metadata.
 """
 from __future__ import annotations
 
@@ -115,6 +119,7 @@ class WandbListener(BaseKeeper):
         self._base: list[torch.Tensor] | None = None
         self._base_logged = False
         self._summary: dict[str, Any] = {}
+        self._open_step: int | None = None  # the run step whose row holds our last, not yet committed, scalars
 
     # ----------------------------------------------------------------- listener events
     def on_evaluation(self, monitor: "LoraMonitor", report: "EpochReport") -> None:
@@ -198,10 +203,21 @@ class WandbListener(BaseKeeper):
                     self.sheet.render(report.decision.best_epoch), caption="rows: prompts; columns: " + ", ".join(self.sheet.columns)
                 )
         data[f"{ns}/table"] = self._table(monitor, report)
-        # No step=: the row joins the run's current step, so a user's own step counter never goes backwards.
-        run.log(data)
+        self._log_row(run, data)
         if f"{ns}/base" in data:
             self._base_logged = True
+
+    def _log_row(self, run: Any, data: dict[str, Any]) -> None:
+        """Add `data` to the row open at the run's current step, uncommitted: the user's next log commits it,
+        and their `log(..., step=s)` at this step is not dropped. No step=, so their step never goes backwards.
+        Only when our previous row is still open (nobody logged since) is it committed first, so that this
+        evaluation does not overwrite it."""
+        step = _current_step(run)
+        if step is not None and step == self._open_step:
+            run.log({}, commit=True)
+            step += 1
+        run.log(data, commit=False)
+        self._open_step = step
 
     def _table(self, monitor: "LoraMonitor", report: "EpochReport") -> Any:
         import wandb
@@ -260,6 +276,15 @@ class WandbListener(BaseKeeper):
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _current_step(run: Any) -> int | None:
+    """The run's step (that of its next log), or None where the run cannot say (a "shared" mode run)."""
+    try:
+        step = run.step
+    except Exception:
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _redact(text: str) -> str:

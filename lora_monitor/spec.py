@@ -28,10 +28,22 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["PreviewPrompt", "PreviewSpec", "SEED_LIMIT", "SUFFIXES"]
+__all__ = [
+    "MAX_PREVIEW_SIZE", "MAX_PREVIEW_SIZE_ENV", "MAX_STEPS", "MAX_STEPS_ENV", "PreviewPrompt", "PreviewSpec", "SEED_LIMIT",
+    "SUFFIXES", "preview_limits",
+]
 
 #: Seeds must lie in [0, SEED_LIMIT): torch.Generator.manual_seed takes them on every device.
 SEED_LIMIT = 2**63
+
+#: The largest preview width or height, and the most denoising steps, a PreviewPrompt accepts. Past these
+#: a typo (`--w 100000`, `--s 1000000000`) would run out of memory or render for days before anything
+#: failed. Raise them with the environment variables below, or by setting these constants before the
+#: spec is built (`lora_monitor.spec.MAX_STEPS = 2000`); a set variable wins over the constant.
+MAX_PREVIEW_SIZE = 4096
+MAX_STEPS = 1000
+MAX_PREVIEW_SIZE_ENV = "LORA_MONITOR_MAX_PREVIEW_SIZE"
+MAX_STEPS_ENV = "LORA_MONITOR_MAX_STEPS"
 
 #: The file formats `PreviewSpec.load` reads, chosen by suffix.
 SUFFIXES = (".txt", ".toml", ".json")
@@ -87,6 +99,26 @@ _ENTRY_IGNORED: dict[str, str] = {
 }
 
 
+def preview_limits() -> tuple[int, int]:
+    """(largest width or height, most steps) a preview may ask for: $LORA_MONITOR_MAX_PREVIEW_SIZE and
+    $LORA_MONITOR_MAX_STEPS where set, else MAX_PREVIEW_SIZE and MAX_STEPS. Read at every check, so a
+    limit raised after import applies."""
+    limits = []
+    for name, default in ((MAX_PREVIEW_SIZE_ENV, MAX_PREVIEW_SIZE), (MAX_STEPS_ENV, MAX_STEPS)):
+        text = os.environ.get(name, "").strip()
+        if not text:
+            limits.append(default)
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"${name} must be a whole number >= 1, got {text!r}")
+        limits.append(value)
+    return limits[0], limits[1]
+
+
 def _check_seeds_per_prompt(value: Any) -> int:
     count = _as_int("seeds_per_prompt", value)
     if not 1 <= count <= 64:
@@ -114,9 +146,10 @@ class PreviewPrompt:
     CFG and distilled guidance 3.5), so one prompt file suits every family.
 
     Checked on construction: width and height positive multiples of 8 (the VAE downsamples by
-    8), steps >= 1, guidance scales finite and >= 0, seed an int in [0, 2**63), prompt a
-    non-empty string. Ints given as other integer types are stored as int and the scales as
-    float, so equal specs have equal fingerprints.
+    8) up to 4096, steps from 1 to 1000 (limits a user can raise: `preview_limits`), guidance
+    scales finite and >= 0, seed an int in [0, 2**63), prompt a non-empty string. Ints given as
+    other integer types are stored as int and the scales as float, so equal specs have equal
+    fingerprints.
     """
 
     prompt: str
@@ -136,13 +169,24 @@ class PreviewPrompt:
         seed = _as_int("seed", self.seed)
         if not 0 <= seed < SEED_LIMIT:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed}")
+        max_size, max_steps = preview_limits()
         steps = _as_int("steps", self.steps)
         if steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps}")
+        if steps > max_steps:
+            raise ValueError(
+                f"steps must be at most {max_steps}, got {steps}; if that many is meant, raise the limit: "
+                f"{MAX_STEPS_ENV}={steps} (or lora_monitor.spec.MAX_STEPS)"
+            )
         for name in ("width", "height"):
             size = _as_int(name, getattr(self, name))
             if size <= 0 or size % 8:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {size}")
+            if size > max_size:
+                raise ValueError(
+                    f"{name} must be at most {max_size} pixels, got {size}; if that size is meant, raise the limit: "
+                    f"{MAX_PREVIEW_SIZE_ENV}={size} (or lora_monitor.spec.MAX_PREVIEW_SIZE)"
+                )
             object.__setattr__(self, name, size)
         for name in ("guidance_scale", "distilled_guidance"):
             scale = getattr(self, name)

@@ -139,3 +139,31 @@ def test_posthoc_device_is_checked_before_loading(command, tmp_path, capsys, cpu
     assert f"lora-monitor {command}: error: --device 'cuda': CUDA is not available on this machine; available here: cpu" in err
     assert main([*argv, "--device", "bogus"]) == 2
     assert "--device 'bogus': not a torch device; available here: cpu" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- preview size and steps
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--size", "100000"], "width must be at most 4096 pixels, got 100000"),
+    (["--steps", "1000000000"], "steps must be at most 1000, got 1000000000"),
+])
+def test_huge_preview_sizes_and_steps_are_refused_before_anything_loads(flags, message, tmp_path, capsys, nothing_loads, monkeypatch):
+    monkeypatch.delenv("LORA_MONITOR_MAX_PREVIEW_SIZE", raising=False)
+    monkeypatch.delenv("LORA_MONITOR_MAX_STEPS", raising=False)
+    argv = ["epochs", str(tmp_path), "--base", str(tmp_path / "model"), "--prompt", "a cat", "--no-progress", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-monitor epochs: error: ") and message in err and "Traceback" not in err
+    assert "LORA_MONITOR_MAX_" in err  # how to raise the limit
+
+
+def test_a_huge_size_in_a_prompt_file_names_file_and_line(tmp_path, capsys, nothing_loads, monkeypatch):
+    monkeypatch.delenv("LORA_MONITOR_MAX_PREVIEW_SIZE", raising=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --w 512\na dog --w 100000 --h 512\n", encoding="utf-8")
+    argv = ["grid", str(tmp_path), "--base", str(tmp_path / "model"), "--prompts", str(prompts), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{prompts}:2: --w: width must be at most 4096 pixels, got 100000" in err
+    assert "LORA_MONITOR_MAX_PREVIEW_SIZE=100000" in err

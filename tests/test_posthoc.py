@@ -352,6 +352,42 @@ def test_pickle_checkpoints_need_the_flag_and_load_weights_only(run, tmp_path, c
     assert "cannot be loaded" in capsys.readouterr().err
 
 
+def test_a_checkpoint_without_tensors_is_skipped_and_named_not_ranked_as_the_base(run, tmp_path, capsys):
+    """A metadata-only .safetensors loads as no LoRA at all: ranked, it would score exactly like the base model."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "with-empty"
+    folder.mkdir()
+    shutil.copy(run["checkpoints"] / "tiny-000001.safetensors", folder)
+    empty = folder / "tiny-000002.safetensors"
+    save_file({}, str(empty), metadata={"ss_epoch": "2", "ss_network_dim": "4"})
+    argv = ["epochs", str(folder), "--base", run["model"], "--prompts", str(_prompt_file(tmp_path)), "--metrics", "brisque"]
+    result = run_json(capsys, *argv)
+    assert [c["epoch"] for c in result["candidates"]] == [1]
+    assert result["skipped"] == [{"file": str(empty), "reason": "holds no tensors (only 2 metadata entries): not a LoRA checkpoint, "
+                                                               "it would render as the base model"}]
+    assert main([*argv, "--no-progress"]) == 0
+    assert f"skipped {empty}: holds no tensors" in capsys.readouterr().out
+
+    # the only checkpoint given: an error that names it, before the base model is loaded
+    argv = ["strength", str(empty), "--base", str(tmp_path / "no-model"), "--prompts", str(_prompt_file(tmp_path)), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lora-monitor strength: error: no LoRA checkpoints found" in err and f"{empty}: holds no tensors" in err
+
+    # a diffusers LoRA folder whose weights file is empty, and an empty pickle, say the same
+    lora_folder = tmp_path / "epoch-0003"
+    lora_folder.mkdir()
+    save_file({}, str(lora_folder / posthoc.DIFFUSERS_LORA_FILE))
+    _, skipped = posthoc.find_checkpoints([folder, lora_folder])
+    assert (str(lora_folder), f"its {posthoc.DIFFUSERS_LORA_FILE} holds no tensors (nothing at all): not a LoRA "
+                                          "checkpoint, it would render as the base model") in skipped
+    torch.save({}, tmp_path / "tiny-000004.pt")
+    pickled = posthoc.Checkpoint(tmp_path / "tiny-000004.pt", 4, "pickle")
+    with pytest.raises(posthoc.PosthocError, match=r"tiny-000004.pt: holds no tensors"):
+        posthoc.load_lora_state_dict(pickled)
+
+
 class NotWeights:
     """Anything but tensors and plain containers is refused by torch.load(weights_only=True)."""
 

@@ -391,3 +391,55 @@ def test_deeply_nested_json_is_a_message_not_a_recursion_error(tmp_path):
     path = write(tmp_path, "p.json", "[" * 100000 + "]" * 100000)
     with pytest.raises(ValueError, match=r"p\.json: JSON nested too deeply"):
         PreviewSpec.load(path)
+
+
+# ---------------------------------------------------------------- size and step limits
+
+
+@pytest.fixture
+def default_limits(monkeypatch):
+    """The built-in limits, whatever this shell sets."""
+    from lora_monitor import spec
+
+    monkeypatch.delenv(spec.MAX_PREVIEW_SIZE_ENV, raising=False)
+    monkeypatch.delenv(spec.MAX_STEPS_ENV, raising=False)
+    return spec
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a cat --w 100000", r"p\.txt:2: --w: width must be at most 4096 pixels, got 100000; if that size is meant, raise the limit: "
+                         r"LORA_MONITOR_MAX_PREVIEW_SIZE=100000 \(or lora_monitor\.spec\.MAX_PREVIEW_SIZE\)"),
+    ("a cat --h 8192", r"p\.txt:2: --h: height must be at most 4096 pixels, got 8192; .* LORA_MONITOR_MAX_PREVIEW_SIZE=8192"),
+    ("a cat --s 1000000000", r"p\.txt:2: --s: steps must be at most 1000, got 1000000000; if that many is meant, raise the limit: "
+                             r"LORA_MONITOR_MAX_STEPS=1000000000 \(or lora_monitor\.spec\.MAX_STEPS\)"),
+])
+def test_huge_sizes_and_step_counts_in_a_prompt_file_name_the_line_value_limit_and_override(tmp_path, default_limits, line, message):
+    path = write(tmp_path, "p.txt", f"a dog\n{line}\n")
+    with pytest.raises(ValueError, match=message):
+        PreviewSpec.load(path)
+
+
+def test_size_and_step_limits_are_inclusive_and_can_be_raised(tmp_path, default_limits, monkeypatch):
+    assert PreviewPrompt("a cat", width=4096, height=4096, steps=1000).width == 4096  # the limits themselves pass
+    with pytest.raises(ValueError, match=r"^width must be at most 4096 pixels, got 100000;"):
+        PreviewPrompt("a cat", width=100000)
+    with pytest.raises(ValueError, match=r"^steps must be at most 1000, got 1001;"):
+        PreviewPrompt("a cat", steps=1001)
+    path = write(tmp_path, "p.json", json.dumps([{"prompt": "a cat", "width": 8192, "sample_steps": 2000}]))
+    with pytest.raises(ValueError, match=r"p\.json: entry 0: steps must be at most 1000, got 2000"):
+        PreviewSpec.load(path)
+    with pytest.raises(ValueError, match="invalid default passed to PreviewSpec.load: width must be at most 4096"):
+        PreviewSpec.load(write(tmp_path, "q.txt", "a cat\n"), width=5120)
+
+    monkeypatch.setenv(default_limits.MAX_PREVIEW_SIZE_ENV, "8192")
+    monkeypatch.setenv(default_limits.MAX_STEPS_ENV, "2000")
+    loaded = PreviewSpec.load(path)
+    assert (loaded.prompts[0].width, loaded.prompts[0].steps) == (8192, 2000)
+    monkeypatch.setenv(default_limits.MAX_STEPS_ENV, "lots")
+    with pytest.raises(ValueError, match=r"\$LORA_MONITOR_MAX_STEPS must be a whole number >= 1, got 'lots'"):
+        PreviewPrompt("a cat")
+
+    monkeypatch.delenv(default_limits.MAX_PREVIEW_SIZE_ENV)
+    monkeypatch.delenv(default_limits.MAX_STEPS_ENV)
+    monkeypatch.setattr(default_limits, "MAX_STEPS", 5000)  # the documented constant, for code that builds specs itself
+    assert PreviewPrompt("a cat", steps=4000).steps == 4000

@@ -303,6 +303,36 @@ def test_logs_into_accelerates_wandb_run_and_trackers_listener_does_not_repeat_i
     assert run.summary["monitor/best_epoch"] == 1
 
 
+def test_the_monitor_never_moves_the_step_past_the_users_so_none_of_their_rows_is_dropped(pipeline, small_spec, tmp_path, wandb_env):
+    """A user logging with step=global_step (as accelerator.log does) before and after the monitor's evaluation at
+    that step: every user value lands, each evaluation's scalars too (two in a row with no user log between)."""
+    run = wandb.init(project="lm-test")
+    listener = WandbListener(upload_checkpoints=False)
+    monitor = make_monitor(pipeline, small_spec, tmp_path / "out", listeners=[listener])
+    reports = []
+    for epoch, step in ((1, 10), (2, 20)):
+        run.log({"loss": epoch / 10}, step=step)
+        nudge_lora(pipeline.unet, seed=epoch)
+        reports.append(monitor.on_epoch_end(epoch, step=step))
+        run.log({"lr": step / 1000}, step=step)  # the user's own log at the same step, after the monitor's
+    for epoch in (3, 4):  # the monitor alone: its rows must not overwrite each other
+        nudge_lora(pipeline.unet, seed=epoch)
+        reports.append(monitor.on_epoch_end(epoch, step=20))
+    assert listener.errors == [] and not listener.owns_run
+    run.finish()
+    close_wandb()
+    history = OfflineRun(wandb_env["WANDB_DIR"]).history
+
+    user = {row["_step"]: (row.get("loss"), row.get("lr")) for row in history if "loss" in row or "lr" in row}
+    assert user == {10: (pytest.approx(0.1), pytest.approx(0.01)), 20: (pytest.approx(0.2), pytest.approx(0.02))}
+    ours = [row for row in history if "monitor/epoch" in row]
+    assert [row["monitor/epoch"] for row in ours] == [1, 2, 3, 4]
+    for row, report in zip(ours, reports):
+        assert row["monitor/ssim_mean"] == pytest.approx(report.aggregates["ssim"])
+    assert [row["_step"] for row in ours[:2]] == [10, 20]  # the first two joined the user's rows
+    assert all(row["_step"] > 20 for row in ours[2:]) and ours[2]["_step"] < ours[3]["_step"]
+
+
 def test_a_failing_log_warns_once_later_epochs_still_arrive_and_other_ranks_stay_silent(pipeline, small_spec, tmp_path, wandb_env, monkeypatch):
     run = wandb.init(project="lm-test")
     calls = {"n": 0}

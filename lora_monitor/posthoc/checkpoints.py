@@ -59,7 +59,8 @@ def find_checkpoints(
     metadata or `final_epoch`; in a run saved by step, its step from ss_steps), diffusers LoRA folders
     (pytorch_lora_weights.safetensors; epoch or step from lora_monitor.json, else the folder name's
     trailing number, a step for step-NNNN folders) and, only with allow_pickle, .ckpt/.pt/.pth/.bin files.
-    One ranking holds epochs or steps, not both. Returns (checkpoints, skipped with reasons)."""
+    One ranking holds epochs or steps, not both. A .safetensors file that holds no tensors (metadata
+    only) is skipped: it would render as the base model. Returns (checkpoints, skipped with reasons)."""
     found: list[Checkpoint] = []
     skipped: list[tuple[str, str]] = []
     entries: list[Path] = []
@@ -98,6 +99,11 @@ def find_checkpoints(
                 found.append(Checkpoint(path, epoch if epoch is not None else final_epoch, "kohya"))
     if name is not None:
         found = [c for c in found if c.kind != "kohya" or c.path.name.startswith(name)]
+    for checkpoint in list(found):
+        empty = _no_tensors(checkpoint)
+        if empty is not None:  # it would load as nothing and rank as the base model
+            skipped.append((str(checkpoint.path), empty))
+            found.remove(checkpoint)
     names = {_kohya_run_name(c.path) for c in found if c.kind == "kohya"}
     if len(names) > 1:
         raise PosthocError(f"checkpoints of several runs in one folder ({', '.join(sorted(names))}); choose one with --name")
@@ -190,6 +196,26 @@ def _metadata_numbers(path: Path) -> tuple[int | None, int | None]:
     return numbers[0], numbers[1]
 
 
+def _no_tensors(checkpoint: Checkpoint) -> str | None:
+    """Why a .safetensors checkpoint (a kohya file, a diffusers folder's weights) is no LoRA: it holds no
+    tensors; None for one that does, for pickles, and for an unreadable header (reported when it is loaded)."""
+    from safetensors import safe_open
+
+    if checkpoint.kind == "pickle":
+        return None
+    path = checkpoint.path / DIFFUSERS_LORA_FILE if checkpoint.kind == "diffusers" else checkpoint.path
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            count, metadata = len(list(handle.keys())), handle.metadata() or {}
+    except Exception:
+        return None
+    if count:
+        return None
+    what = f"its {DIFFUSERS_LORA_FILE} holds" if checkpoint.kind == "diffusers" else "holds"
+    held = f"only {len(metadata)} metadata entries" if metadata else "nothing at all"
+    return f"{what} no tensors ({held}): not a LoRA checkpoint, it would render as the base model"
+
+
 def _metadata_epoch(path: Path) -> int | None:
     return _metadata_numbers(path)[0]
 
@@ -210,6 +236,8 @@ def load_lora_state_dict(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PosthocError(f"{checkpoint.path}: expected a dict of tensors (a LoRA state dict), got {type(state).__name__}")
+    if not state:
+        raise PosthocError(f"{checkpoint.path}: holds no tensors: not a LoRA checkpoint, it would render as the base model")
     return state
 
 

@@ -16,10 +16,16 @@ release (brisquescore.m / brisque_feature.m) so that scores match its numbers:
 
 Lower is better (about 0 for pristine photographs, 100 and more for heavy distortion).
 A black, flat or NaN image has undefined statistics and scores NaN.
+
+Precision: filtering runs in the `dtype` asked for (float64 by default, what the calibration
+needs); moments, fits and the SVR accumulate in float64. A device without float64 (Apple's MPS)
+runs everything in float32 instead, with one warning: see `brisque_dtype`.
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +59,37 @@ MIN_SIDE = 16
 
 # circshift offsets (rows, columns) of the four neighbours: horizontal, vertical, two diagonals.
 PAIR_SHIFTS = ((0, 1), (1, 0), (1, 1), (-1, 1))
+
+#: Device types that have no float64 (Apple's MPS): BRISQUE runs there wholly in float32.
+NO_FLOAT64_DEVICES = ("mps",)
+
+#: What a user is told once when BRISQUE switches to float32 on such a device.
+FLOAT32_NOTE = (
+    "BRISQUE on {device}: this device has no float64, so BRISQUE scores in float32 there (scores may differ from "
+    "the float64 reference by a few tenths); score on cpu or cuda for the calibrated numbers"
+)
+_noted_devices: set[str] = set()
+
+
+def has_float64(device: torch.device | str) -> bool:
+    """Whether tensors of `device` can be float64 (not on MPS)."""
+    return torch.device(device).type not in NO_FLOAT64_DEVICES
+
+
+def brisque_dtype(device: torch.device | str, dtype: torch.dtype = torch.float64) -> torch.dtype:
+    """The working precision BRISQUE uses on `device` when asked for `dtype`: `dtype`, but float32 on a
+    device without float64 (MPS), where float64 tensors cannot exist."""
+    return dtype if has_float64(device) else torch.float32
+
+
+def accumulation_dtype(device: torch.device | str) -> torch.dtype:
+    """The precision of moments, shape fits and the SVR on `device`: float64, float32 where there is none."""
+    return torch.float64 if has_float64(device) else torch.float32
+
+
+def _on(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU constant as `dtype` on `device`, converted before it moves (MPS takes no float64, not even in transit)."""
+    return tensor.to(dtype).to(device)
 
 
 @dataclass(frozen=True)
@@ -94,12 +131,12 @@ def check_images(images: torch.Tensor) -> None:
     check_brisque_size(images.shape[2], images.shape[3])
 
 
-def rgb_to_grey(images: torch.Tensor) -> torch.Tensor:
-    """MATLAB ``rgb2gray(uint8(round(255 * images)))`` as a float tensor (N, H, W) on 0..255.
+def rgb_to_grey(images: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """MATLAB ``rgb2gray(uint8(round(255 * images)))`` as a float tensor (N, H, W) on 0..255, computed in `dtype`.
 
     Rounding is half away from zero like MATLAB's; NaN stays NaN.
     """
-    rgb = torch.floor(images.to(torch.float64).clamp(0, 1) * 255 + 0.5)  # NaN stays NaN
+    rgb = torch.floor(images.to(dtype).clamp(0, 1) * 255 + 0.5)  # NaN stays NaN
     r, g, b = rgb.unbind(dim=1)
     grey = r * RGB2GRAY_WEIGHTS[0] + g * RGB2GRAY_WEIGHTS[1] + b * RGB2GRAY_WEIGHTS[2]
     return torch.floor(grey + 0.5).clamp(0, 255)
@@ -114,6 +151,7 @@ def _cubic(x: torch.Tensor) -> torch.Tensor:
     return torch.where(ax <= 1, near, torch.where(ax <= 2, far, torch.zeros_like(ax)))
 
 
+@functools.lru_cache(maxsize=None)
 def _half_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The 8 taps of MATLAB imresize(., 0.5, 'bicubic') with antialiasing, normalised to sum 1.
 
@@ -122,7 +160,7 @@ def _half_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """
     d = torch.arange(8, dtype=torch.float64) - 3.5
     w = 0.5 * _cubic(0.5 * d)
-    return (w / w.sum()).to(device=device, dtype=dtype)
+    return _on(w / w.sum(), device, dtype)
 
 
 def _symmetric_indices(n: int, left: int, right: int, device: torch.device) -> torch.Tensor:
@@ -149,11 +187,12 @@ def imresize_half(grey: torch.Tensor) -> torch.Tensor:
     return x.squeeze(1)
 
 
+@functools.lru_cache(maxsize=None)
 def _gaussian_window(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """1-D factor of MATLAB fspecial('gaussian', 7, 7/6), normalised (the 2-D window is its outer product)."""
     x = torch.arange(7, dtype=torch.float64) - 3
     g = torch.exp(-(x * x) / (2 * (7 / 6) ** 2))
-    return (g / g.sum()).to(device=device, dtype=dtype)
+    return _on(g / g.sum(), device, dtype)
 
 
 def _filter_same(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -188,22 +227,23 @@ def mscn(grey: torch.Tensor) -> torch.Tensor:
 _GRID_CACHE: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _shape_grid(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shape grid 0.2:0.001:10 with rho(a) = G(1/a)G(3/a)/G(2/a)^2 and the AGGD mean factor, float64."""
-    key = (str(device), torch.float64)
+def _shape_grid(device: torch.device, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shape grid 0.2:0.001:10 with rho(a) = G(1/a)G(3/a)/G(2/a)^2 and the AGGD mean factor, computed in
+    float64 on the CPU and held as `dtype` on `device`."""
+    key = (str(device), dtype)
     if key not in _GRID_CACHE:
         a = 0.2 + torch.arange(9801, dtype=torch.float64) * 0.001
         lg1, lg2, lg3 = torch.lgamma(1 / a), torch.lgamma(2 / a), torch.lgamma(3 / a)
         rho = torch.exp(lg1 + lg3 - 2 * lg2)
         # AGGD mean = (right_std - left_std) * G(2/a) / G(1/a) * sqrt(G(1/a) / G(3/a))
         mean_factor = torch.exp(lg2 - lg1 + 0.5 * (lg1 - lg3))
-        _GRID_CACHE[key] = (a.to(device), rho.to(device), mean_factor.to(device))
+        _GRID_CACHE[key] = (_on(a, device, dtype), _on(rho, device, dtype), _on(mean_factor, device, dtype))
     return _GRID_CACHE[key]
 
 
 def _ggd_from_moments(var: torch.Tensor, mean_abs: torch.Tensor) -> torch.Tensor:
     """GGD shape by the release's grid search: argmin |var / mean_abs^2 - rho(a)|."""
-    grid, rho_grid, _ = _shape_grid(var.device)
+    grid, rho_grid, _ = _shape_grid(var.device, var.dtype)
     rho = var / (mean_abs * mean_abs)
     idx = (rho.unsqueeze(-1) - rho_grid).abs().argmin(dim=-1)
     return torch.where(torch.isfinite(rho), grid[idx], torch.full_like(rho, math.nan))
@@ -213,7 +253,7 @@ def _aggd_from_moments(
     left_var: torch.Tensor, right_var: torch.Tensor, mean_abs: torch.Tensor, mean_sq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AGGD (shape, mean) by the release's grid search on the normalised r-hat."""
-    grid, rho_grid, mean_factor = _shape_grid(left_var.device)
+    grid, rho_grid, mean_factor = _shape_grid(left_var.device, left_var.dtype)
     left_std, right_std = left_var.sqrt(), right_var.sqrt()
     gamma_hat = left_std / right_std
     r_hat = mean_abs * mean_abs / mean_sq
@@ -224,31 +264,34 @@ def _aggd_from_moments(
     return torch.where(ok, grid[idx], nan), torch.where(ok, (right_std - left_std) * mean_factor[idx], nan)
 
 
-def fit_ggd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_ggd(x: torch.Tensor, accumulate: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-mean GGD fit of each row of (N, M): (shape, variance), moment matching on the grid.
 
+    Moments accumulate in `accumulate` (None: float64, float32 on a device without it).
     Rows without spread (all zero) or with NaN give NaN shape.
     """
-    var = torch.linalg.vector_norm(x, 2, dim=-1, dtype=torch.float64) ** 2 / x.shape[-1]
-    mean_abs = torch.linalg.vector_norm(x, 1, dim=-1, dtype=torch.float64) / x.shape[-1]
+    accumulate = accumulate or accumulation_dtype(x.device)
+    var = torch.linalg.vector_norm(x, 2, dim=-1, dtype=accumulate) ** 2 / x.shape[-1]
+    mean_abs = torch.linalg.vector_norm(x, 1, dim=-1, dtype=accumulate) / x.shape[-1]
     return _ggd_from_moments(var, mean_abs), var
 
 
-def fit_aggd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_aggd(x: torch.Tensor, accumulate: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric GGD fit of each row of (N, M): (shape, mean, left variance, right variance).
 
     The left (right) variance is the mean square of the negative (positive) values only; rows
-    without negative or without positive values, or with NaN, give NaN.
+    without negative or without positive values, or with NaN, give NaN. Moments accumulate as in `fit_ggd`.
     """
+    accumulate = accumulate or accumulation_dtype(x.device)
     m = x.shape[-1]
     negatives = x.clamp(max=0)  # the one temporary; norms and counts are single fused passes
-    left_sum = torch.linalg.vector_norm(negatives, 2, dim=-1, dtype=torch.float64) ** 2
-    sum_sq = torch.linalg.vector_norm(x, 2, dim=-1, dtype=torch.float64) ** 2
+    left_sum = torch.linalg.vector_norm(negatives, 2, dim=-1, dtype=accumulate) ** 2
+    sum_sq = torch.linalg.vector_norm(x, 2, dim=-1, dtype=accumulate) ** 2
     left_count = torch.count_nonzero(negatives, dim=-1)
     right_count = torch.count_nonzero(x, dim=-1) - left_count
     left_var = left_sum / left_count
     right_var = (sum_sq - left_sum) / right_count
-    mean_abs = torch.linalg.vector_norm(x, 1, dim=-1, dtype=torch.float64) / m
+    mean_abs = torch.linalg.vector_norm(x, 1, dim=-1, dtype=accumulate) / m
     shape, mean = _aggd_from_moments(left_var, right_var, mean_abs, sum_sq / m)
     return shape, mean, left_var, right_var
 
@@ -259,15 +302,15 @@ def _wrap_pad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[:, :, -1:], x, x[:, :, :1]], dim=2)
 
 
-def _scale_features(coeffs: torch.Tensor) -> list[torch.Tensor]:
+def _scale_features(coeffs: torch.Tensor, accumulate: torch.dtype) -> list[torch.Tensor]:
     """The 18 features of one scale from MSCN coefficients (N, H, W)."""
     n, h, w = coeffs.shape
-    shape, var = fit_ggd(coeffs.reshape(n, -1))
+    shape, var = fit_ggd(coeffs.reshape(n, -1), accumulate)
     out = [shape, var]
     padded = _wrap_pad(coeffs)
     for dy, dx in PAIR_SHIFTS:  # circshift(A, [dy dx])[i, j] = A[i - dy, j - dx]
         neighbour = padded[:, 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
-        out += list(fit_aggd((coeffs * neighbour).reshape(n, -1)))
+        out += list(fit_aggd((coeffs * neighbour).reshape(n, -1), accumulate))
     return out
 
 
@@ -275,46 +318,66 @@ def _scale_features(coeffs: torch.Tensor) -> list[torch.Tensor]:
 CHUNK = 1
 
 
-def brisque_features(images: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The 36 BRISQUE features of (N, 3, H, W) images in [0, 1], shape (N, 36), float64.
+def brisque_features(
+    images: torch.Tensor, dtype: torch.dtype = torch.float64, accumulate: torch.dtype | None = None
+) -> torch.Tensor:
+    """The 36 BRISQUE features of (N, 3, H, W) images in [0, 1], shape (N, 36), in `accumulate`
+    (None: float64, float32 on a device without float64).
 
     `dtype` is the working precision of the filtering and the pairwise products; moments and
-    fits accumulate in float64. float64 is the default because the calibration needs it: on
+    fits accumulate in `accumulate`. float64 is the default because the calibration needs it: on
     flat regions MSCN is zero in exact arithmetic and the filter's rounding residue (about
     1e-14, of either sign) decides on which side of the AGGD fits those pixels count. The
     running tap-order sums here reproduce the MATLAB release's numbers; float32 residues
     are larger and move some scores by tenths (calibration image I08: +0.42).
     """
     check_images(images)
+    accumulate = accumulate or accumulation_dtype(images.device)
     if images.shape[0] > CHUNK and images.device.type == "cpu":
-        return torch.cat([brisque_features(part, dtype) for part in images.split(CHUNK)])
-    grey = rgb_to_grey(images).to(dtype)
-    features = _scale_features(mscn(grey)) + _scale_features(mscn(imresize_half(grey)))
+        return torch.cat([brisque_features(part, dtype, accumulate) for part in images.split(CHUNK)])
+    grey = rgb_to_grey(images, accumulate).to(dtype)
+    features = _scale_features(mscn(grey), accumulate) + _scale_features(mscn(imresize_half(grey)), accumulate)
     return torch.stack(features, dim=1)
 
 
-def scale_features(features: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _feature_ranges(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    ranges = _on(torch.tensor(FEATURE_RANGES, dtype=torch.float64), device, dtype)
+    return ranges[:, 0], ranges[:, 1]
+
+
+def scale_features(features: torch.Tensor, accumulate: torch.dtype | None = None) -> torch.Tensor:
     """Map features (N, 36) to [-1, 1] with the release's ranges, like ``svm-scale -r allrange``."""
-    ranges = torch.tensor(FEATURE_RANGES, dtype=torch.float64, device=features.device)
-    low, high = ranges[:, 0], ranges[:, 1]
-    return -1 + 2 * (features.to(torch.float64) - low) / (high - low)
+    accumulate = accumulate or accumulation_dtype(features.device)
+    low, high = _feature_ranges(features.device, accumulate)
+    return -1 + 2 * (features.to(accumulate) - low) / (high - low)
 
 
-def svr_predict(scaled: torch.Tensor, model: SVRModel) -> torch.Tensor:
+def svr_predict(scaled: torch.Tensor, model: SVRModel, accumulate: torch.dtype | None = None) -> torch.Tensor:
     """RBF epsilon-SVR prediction for scaled features (N, 36) -> (N,); NaN features give NaN."""
-    sv = model.sv.to(scaled.device, torch.float64)
-    coef = model.sv_coef.to(scaled.device, torch.float64)
+    accumulate = accumulate or accumulation_dtype(scaled.device)
+    sv = _on(model.sv, scaled.device, accumulate)
+    coef = _on(model.sv_coef, scaled.device, accumulate)
     dist2 = ((scaled.unsqueeze(1) - sv.unsqueeze(0)) ** 2).sum(dim=2)  # (N, n_sv)
     return torch.exp(-model.gamma * dist2) @ coef - model.rho
 
 
-def brisque(images: torch.Tensor, model: SVRModel, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """BRISQUE score per image of (N, 3, H, W) in [0, 1] -> (N,) float64 on the images' device.
+def brisque(
+    images: torch.Tensor, model: SVRModel, dtype: torch.dtype = torch.float64, accumulate: torch.dtype | None = None
+) -> torch.Tensor:
+    """BRISQUE score per image of (N, 3, H, W) in [0, 1] -> (N,) on the images' device, in `accumulate`
+    (None: float64; float32 on a device without float64, where a float64 `dtype` becomes float32 too,
+    with one warning per device type).
 
     Lower is better. NaN for images whose statistics are undefined (black, flat, NaN).
     """
-    features = brisque_features(images, dtype=dtype)
-    scores = svr_predict(scale_features(features), model)
+    working = brisque_dtype(images.device, dtype)
+    if working != dtype and images.device.type not in _noted_devices:
+        _noted_devices.add(images.device.type)
+        warnings.warn(FLOAT32_NOTE.format(device=images.device.type), UserWarning, stacklevel=2)
+    accumulate = accumulate or accumulation_dtype(images.device)
+    features = brisque_features(images, dtype=working, accumulate=accumulate)
+    scores = svr_predict(scale_features(features, accumulate), model, accumulate)
     # A flat image has no statistics, but zero padding gives its border band fake structure.
     flat = images.amax(dim=(1, 2, 3)) == images.amin(dim=(1, 2, 3))
     return torch.where(flat, torch.full_like(scores, math.nan), scores)

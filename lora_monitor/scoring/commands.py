@@ -22,6 +22,8 @@ Directories are expanded to the image files directly inside them ({suffixes}), i
 No-reference metrics (brisque) need only the images; reference metrics (ssim) need --ref: one
 image used for every input, or a directory holding a file of the same name for each input.
 NaN (printed as nan, null in JSON) marks an image that cannot be scored (black, flat).
+A file that cannot be read (truncated, not an image) or scored (too small) is skipped with a
+message naming it on stderr; the others are scored, and the exit status is then 2.
 """
 SCORE_EPILOG = """\
 examples:
@@ -170,6 +172,27 @@ def _reference_for(image_path: Path, ref: Path) -> Path:
     return ref
 
 
+def _score_file(scorer, path: Path, ref: Path | None, device: str) -> float:
+    """One file's score; OSError or ValueError naming the file when it (or its reference) cannot be read or scored."""
+    try:
+        images = load_image(path).to(device)
+    except (OSError, ValueError) as err:
+        raise ValueError(str(err) if str(err).startswith(f"{path}:") else f"{path}: cannot be read as an image ({err})") from None
+    reference = None
+    if scorer.needs_reference:
+        reference_path = _reference_for(path, ref)
+        try:
+            reference = load_image(reference_path).to(device)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: its reference {reference_path} cannot be read as an image ({err})") from None
+        if reference.shape != images.shape:
+            raise ValueError(f"{path}: size {tuple(images.shape[2:])} differs from its reference's {tuple(reference.shape[2:])}")
+    try:
+        return float(scorer(images, reference)[0])
+    except ValueError as err:  # e.g. too small for BRISQUE
+        raise ValueError(f"{path}: {err}") from None
+
+
 def run_score(args: argparse.Namespace) -> int:
     from lora_monitor.scoring.brisque_model import BrisqueModelError
     from lora_monitor.scoring.scorers import get_scorer
@@ -181,23 +204,29 @@ def run_score(args: argparse.Namespace) -> int:
         if ref is not None and not ref.exists():
             raise FileNotFoundError(f"--ref {ref}: no such file or directory")
         kwargs = {"model_path": args.model} if args.metric == "brisque" and args.model else {}
+        if args.metric == "brisque":
+            from lora_monitor.scoring.brisque import FLOAT32_NOTE, brisque_dtype
+
+            kwargs["dtype"] = brisque_dtype(args.device)  # float32 on MPS, which has no float64
+            if kwargs["dtype"] != torch.float64:
+                print(f"lora-monitor score: note: {FLOAT32_NOTE.format(device=torch.device(args.device).type)}", file=sys.stderr)
         if args.metric.startswith("pyiqa:"):
             kwargs["device"] = args.device
         scorer = get_scorer(args.metric, **kwargs)
         if scorer.needs_reference and ref is None:
             raise ValueError(f"the {args.metric} metric needs reference images: add --ref IMAGE_OR_DIR")
-        rows = []
+        rows, skipped = [], []
         for path in files:
-            images = load_image(path).to(args.device)
-            reference = None
-            if scorer.needs_reference:
-                reference = load_image(_reference_for(path, ref)).to(args.device)
-                if reference.shape != images.shape:
-                    raise ValueError(
-                        f"{path}: size {tuple(images.shape[2:])} differs from its reference's {tuple(reference.shape[2:])}"
-                    )
-            value = float(scorer(images, reference)[0])
+            try:
+                value = _score_file(scorer, path, ref, args.device)
+            except (FileNotFoundError, ValueError, OSError) as err:  # this file only: say which, score the rest
+                message = str(err) if str(err).startswith(f"{path}:") else f"{path}: {err}"
+                print(f"lora-monitor score: skipped {message}", file=sys.stderr)
+                skipped.append(str(path))
+                continue
             rows.append({"file": str(path), "metric": scorer.name, "score": value})
+        if not rows:
+            raise ValueError(f"none of the {len(files)} image(s) could be scored (each is listed above)")
     except (FileNotFoundError, ValueError, ImportError, OSError) as err:
         print(f"lora-monitor score: error: {err}", file=sys.stderr)
         return 2
@@ -213,6 +242,13 @@ def run_score(args: argparse.Namespace) -> int:
         print(f"{'file':<{width}}  {'metric':<{mwidth}}  score")
         for row in rows:
             print(f"{row['file']:<{width}}  {row['metric']:<{mwidth}}  {row['score']:.4f}")
+    if skipped:
+        print(
+            f"lora-monitor score: {len(skipped)} of {len(files)} image(s) skipped ({', '.join(skipped)}); "
+            "the others are scored above",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
