@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from lora_monitor.kohya_names import KOHYA_TRAINERS, FolderLockedError
@@ -55,7 +56,7 @@ example:
       ... --sample_prompts prompts.txt   # lines like: sks toy on a table --d 1 / sks toy on a table --d 2
 """
 
-WATCH_HELP = "follow a kohya output folder (any run, e.g. from the kohya_ss GUI) and score its samples"
+WATCH_HELP = "follow a trainer's output folder (kohya, ai-toolkit, OneTrainer, musubi-tuner) and score its samples"
 WATCH_DESCRIPTION = """\
 Follow a running or finished kohya-ss output folder without touching the trainer: score each
 epoch's sample PNGs as they appear (<output_dir>/sample/<name>_e<epoch>_<prompt>_...png), keep
@@ -69,7 +70,16 @@ folder exits with code 2 naming the first (<output_dir>/lora_monitor.lock; a loc
 gone is replaced). Network files are copied only from inside the folder (links out of it are refused)
 and only when they check out: a .safetensors header that parses, a .ckpt/.pt only with --allow-pickle.
 A sample that does not decode is named once, and given up once the run's final file is written;
---once lists what it could not score."""
+--once lists what it could not score.
+Other trainers: the trainer is detected from the folder (or named with --trainer): ai-toolkit,
+OneTrainer and musubi-tuner folders are scored by round (step or epoch, as the trainer names them),
+against the trainer's before-training round or --base-samples DIR (one file per prompt index);
+the best round's LoRA file is copied to OUTPUT_DIR/best/; the trainer's own validation loss, when it
+logs one, is the metric trainer_val_loss (lower is better; --metric trainer_val_loss picks by it);
+video samples are scored per frame (mean and _worst) and by temporal_ssim. None of them reads a
+stop file: STOP is written and how to stop that trainer by hand is printed. SimpleTuner (its saved
+images are labelled side-by-side display images) and the diffusers scripts (no samples on disk) are
+not watched."""
 
 
 def add_monitor_arguments(parser: argparse.ArgumentParser, preview_seed_default: str = "0") -> None:
@@ -164,7 +174,13 @@ def register(subparsers) -> None:
     watch.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's --output_dir")
     watch.add_argument("--prompts", default=None, help="the run's --sample_prompts file (default: OUTPUT_DIR/sample/prompt.txt|.toml|.json, as the GUI writes it)")
     watch.add_argument("--output-name", default=None, help="the run's --output_name (default: read from the sample names)")
-    watch.add_argument("--base", default=None, metavar="DIR", help="base-model renders of the prompts (kohya-named or NN_*.png); default: the run's epoch-0 samples")
+    watch.add_argument("--base", "--base-samples", dest="base", default=None, metavar="DIR",
+                       help="base-model renders of the prompts (kohya-named or NN_*.png; other trainers: one file per prompt index, "
+                            "in order by name); default: the run's before-training samples (epoch 0, step 0)")
+    watch.add_argument("--trainer", default=None, metavar="NAME",
+                       help="the trainer whose folder it is (default: detected from the folder): " + ", ".join(_layout_names()))
+    watch.add_argument("--logging-dir", default=None, metavar="DIR",
+                       help="where the trainer writes its TensorBoard logs, for its validation loss (default: the trainer's own place)")
     watch.add_argument("--interval", type=float, default=10.0, help="seconds between looks at the folder (default: 10)")
     watch.add_argument("--once", action="store_true", help="score what is there now, list what could not be scored, and exit")
     watch.add_argument("--allow-pickle", action="store_true",
@@ -200,9 +216,41 @@ def run_kohya(args: argparse.Namespace) -> int:
         return 2
 
 
+def _layout_names() -> list[str]:
+    from lora_monitor.trainer_layouts import LAYOUTS
+
+    return list(LAYOUTS)
+
+
+def _watch_layout(args: argparse.Namespace):
+    """The trainer layout of the watched folder: --trainer, else detected (and said); a folder nothing fits yet is
+    kohya's when it has kohya's sample/ folder (the kohya_ss GUI writes sample/prompt.txt before training).
+    ValueError (listing the known layouts) when neither tells."""
+    from lora_monitor import trainer_layouts
+
+    if args.trainer:
+        layout = trainer_layouts.get_layout(args.trainer)
+        print(f"lora-monitor watch: {args.output_dir}: {layout.title} layout (--trainer {args.trainer})")
+        return layout
+    try:
+        return trainer_layouts.detect_layout(args.output_dir, say=lambda text: print(f"lora-monitor watch: detected {text}"))
+    except ValueError:
+        folder = Path(args.output_dir)
+        if (folder / "sample").is_dir() or args.output_name is not None or not folder.is_dir():
+            return trainer_layouts.get_layout("kohya")  # today's kohya path (it waits for samples, or names the missing folder)
+        raise
+
+
 def run_watch(args: argparse.Namespace) -> int:
     from lora_monitor.integrations.kohya_watch import KohyaWatcher
 
+    try:
+        layout = _watch_layout(args)
+    except ValueError as error:
+        print(f"lora-monitor watch: error: {error}\nName the trainer with --trainer NAME if it is one of these.", file=sys.stderr)
+        return 2
+    if layout.name != "kohya":
+        return _run_trainer_watch(args, layout)
     options = monitor_options(args)
     note = _unused_refs_note(args, options)
     if note:
@@ -226,6 +274,31 @@ def run_watch(args: argparse.Namespace) -> int:
         print(f"lora-monitor watch: error: {error}", file=sys.stderr)
         return 1
     except FolderLockedError as error:  # another watcher (or the launcher) scores this folder
+        print(f"lora-monitor watch: error: {error}", file=sys.stderr)
+        return 2
+    return watcher.run(interval=args.interval, once=args.once)
+
+
+def _run_trainer_watch(args: argparse.Namespace, layout) -> int:
+    """`watch` for the trainers of integrations/trainer_watch.py (all but kohya)."""
+    from lora_monitor.integrations.trainer_watch import TrainerWatcher
+
+    if args.output_name is not None:
+        print(f"lora-monitor watch: note: --output-name is kohya's; {layout.title} folders are read by their own names")
+    options = monitor_options(args)
+    listeners = []
+    if args.report_to == "wandb":
+        from lora_monitor.integrations.trackers import listeners_for
+
+        listeners = listeners_for("wandb", project=args.wandb_project)
+    try:
+        watcher = TrainerWatcher(args.output_dir, layout, prompts=args.prompts, base_samples=args.base,
+                                 monitor_options={**options, "listeners": listeners}, logging_dir=args.logging_dir,
+                                 allow_pickle=args.allow_pickle)
+    except ModelNotAvailableError as error:
+        print(f"lora-monitor watch: error: {error}", file=sys.stderr)
+        return 1
+    except FolderLockedError as error:
         print(f"lora-monitor watch: error: {error}", file=sys.stderr)
         return 2
     return watcher.run(interval=args.interval, once=args.once)
