@@ -113,8 +113,9 @@ class TrainConfig:
     batch_size: int = 2
     seed: int = 0
     report_to: str | None = None
-    resume_from: str | None = None  # an accelerate save_state folder
-    save_state_each_epoch: bool = False
+    resume_from: str | None = None  # an accelerate save_state folder: checkpoints/epoch-<N> or checkpoints/checkpoint-<step>
+    save_state_each_epoch: bool = False  # checkpoints/epoch-<N> after the epoch's evaluation
+    checkpoint_every_n_steps: int | None = None  # checkpoints/checkpoint-<step> inside the step loop, before the evaluation (diffusers)
     stop_after_epoch: int | None = None  # simulate an interruption (tests)
     monitor: dict[str, Any] | None = field(default_factory=dict)  # LoraMonitor options; None = no monitor
 
@@ -158,15 +159,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if accelerator.is_main_process and config.report_to not in (None, "none"):
         accelerator.init_trackers("lora-monitor-demo")
 
-    first_epoch = 0
+    first_epoch, global_step, done_in_epoch = 0, 0, 0
     if config.resume_from:
         accelerator.load_state(config.resume_from)
-        first_epoch = int(Path(config.resume_from).name.split("-")[-1])
+        kind, number = Path(config.resume_from).name.rsplit("-", 1)
+        if kind == "checkpoint":  # diffusers' checkpoint-<global step>, possibly part-way through an epoch
+            global_step = int(number)
+            first_epoch, done_in_epoch = divmod(global_step, len(dataloader))
+        else:  # epoch-<N>, saved after epoch N's evaluation
+            first_epoch = int(number)
+            global_step = first_epoch * len(dataloader)
+        if monitor is not None:  # --- lora-monitor: evaluate an epoch the checkpoint was taken before ---
+            monitor.on_resume(first_epoch or None, global_step, mid_epoch=done_in_epoch > 0)
 
-    global_step = first_epoch * len(dataloader)
     for epoch in range(first_epoch, config.epochs):
         unet.train()
-        for pixel_values, ids in dataloader:
+        batches = accelerator.skip_first_batches(dataloader, done_in_epoch) if epoch == first_epoch and done_in_epoch else dataloader
+        for pixel_values, ids in batches:
             with torch.no_grad():
                 latents = vae.encode(pixel_values.to(accelerator.device)).latent_dist.sample() * vae.config.scaling_factor
                 encoder_hidden_states = text_encoder(ids.to(accelerator.device))[0]
@@ -179,6 +188,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad()
             global_step += 1
+            if config.checkpoint_every_n_steps and global_step % config.checkpoint_every_n_steps == 0:
+                accelerator.save_state(str(output_dir / "checkpoints" / f"checkpoint-{global_step}"))
         accelerator.wait_for_everyone()
         if monitor is not None:
             monitor.on_epoch_end(epoch + 1, global_step)  # --- lora-monitor: previews, scores, best, export ---

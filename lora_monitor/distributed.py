@@ -8,19 +8,27 @@ Every collective here carries a status with its payload: a rank whose work raise
 instead of its result, and then every rank raises `RankFailedError` naming the failed rank, so no
 rank waits forever for a peer that gave up.
 
-What this cannot catch: a rank that dies (killed, out of memory, a crash in native code) or hangs
-before it reaches the collective. The others then wait in torch.distributed until its timeout
-(30 minutes by default for gloo; set it with accelerate's InitProcessGroupKwargs(timeout=...) or
-torch.distributed.init_process_group(timeout=...)). accelerate launch and torchrun usually end the
-whole group as soon as one process exits with an error, which is sooner.
+Before an evaluation's collectives every rank checks in (`check_in`) through the process group's
+key-value store, not a collective: a rank that never comes (the loop calls the monitor inside
+`if accelerator.is_main_process:`) or comes for another epoch makes the others raise
+`RanksOutOfStepError` after a bounded wait, instead of hanging in the gathers.
+
+What this cannot catch at once: a rank that dies (killed, out of memory, a crash in native code) or
+hangs before it reaches the collective. The others then wait for the check-in's timeout, or, inside a
+collective, in torch.distributed until its own timeout (30 minutes by default for gloo; set it with
+accelerate's InitProcessGroupKwargs(timeout=...) or torch.distributed.init_process_group(timeout=...)).
+accelerate launch and torchrun usually end the whole group as soon as one process exits with an error,
+which is sooner.
 
 The payloads are picklable Python objects holding CPU tensors (torch.distributed's
 all_gather_object / broadcast_object_list), so this works on gloo and on NCCL.
 """
 from __future__ import annotations
 
+import itertools
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -29,9 +37,11 @@ from lora_monitor.spec import PreviewSpec
 
 __all__ = [
     "RankFailedError",
+    "RanksOutOfStepError",
     "all_gather_checked",
     "assemble",
     "broadcast_checked",
+    "check_in",
     "gather_images",
     "rank_and_world_size",
     "shard_indices",
@@ -61,6 +71,11 @@ class RankFailedError(RuntimeError):
     @property
     def ranks(self) -> list[int]:
         return sorted(self.errors)
+
+
+class RanksOutOfStepError(RuntimeError):
+    """The ranks did not all reach the same evaluation: one never came within the timeout, or they came
+    for different epochs. Raised by `check_in` before any collective, so nobody hangs in one."""
 
 
 @dataclass
@@ -164,6 +179,43 @@ def broadcast_checked(work: Callable[[], T], *, what: str, src: int = 0) -> T:
     if not outcome.ok:
         raise RankFailedError(what, {outcome.rank: outcome.error}, world_size)
     return outcome.value
+
+
+_check_ins = itertools.count(1)  # the n-th check-in of this process: the same sequence on every rank
+
+
+def check_in(what: str, *, timeout_s: float, hint: str = "") -> None:
+    """Make sure every rank has reached this same point (`what`, e.g. "epoch 3's evaluation") before the
+    collectives that follow; a no-op with one process.
+
+    Each rank writes its `what` under the n-th check-in's keys of the process group's store and waits at
+    most `timeout_s` seconds for the others (a few store operations, no collective: a rank busy in a
+    training collective cannot be confused by it). A rank that does not come in time, or ranks that
+    came for different things, make this raise RanksOutOfStepError naming them, followed by `hint`.
+    """
+    rank, world_size = rank_and_world_size()
+    if world_size == 1:
+        return
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    prefix = f"lora_monitor/check_in/{next(_check_ins)}"
+    keys = [f"{prefix}/rank{r}" for r in range(world_size)]
+    store.set(keys[rank], what)
+    if store.add(f"{prefix}/count", 1) == world_size:
+        store.set(f"{prefix}/all", "1")
+    try:
+        store.wait([f"{prefix}/all"], timedelta(seconds=timeout_s))
+    except RuntimeError:  # DistStoreError: the wait timed out
+        absent = [r for r in range(world_size) if not store.check([keys[r]])]
+        late = ", ".join(map(str, absent))
+        message = f"rank {rank} of {world_size} reached {what}, but rank(s) {late} did not within {timeout_s:g} s. {hint}"
+        raise RanksOutOfStepError(message.rstrip()) from None
+    values = store.multi_get(keys) if store.has_extended_api() else [store.get(key) for key in keys]
+    seen = {r: value.decode() for r, value in enumerate(values)}
+    if len(set(seen.values())) > 1:
+        details = "; ".join(f"rank {r}: {value}" for r, value in seen.items())
+        raise RanksOutOfStepError(f"the ranks reached different evaluations ({details}). {hint}".rstrip())
 
 
 def assemble(shards: Sequence[tuple[Sequence[int], Sequence[T]]], count: int) -> list[T]:

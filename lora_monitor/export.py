@@ -10,11 +10,12 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 SIDECAR = "lora_monitor.json"
 WeightsWriter = Callable[[Path], None]
@@ -61,6 +62,66 @@ def recover(folder: Path) -> None:
         else:
             previous.rename(folder)  # crash between the renames: put the old one back (a link moves as a link)
     _remove_best_effort(leftovers + _stale(folder))
+
+
+def recover_exports(best: Path, top_dir: Path) -> None:
+    """`recover` best/ and every entry of top_dir/ (top_k/epoch-0003, ...) that an interrupted export left
+    as a `.previous` folder or a temporary one: what a monitor does when it is built or its state is loaded."""
+    recover(Path(best))
+    top_dir = Path(top_dir)
+    if top_dir.is_dir():
+        names = {path.name[: -len(".previous")] for path in top_dir.glob("*.previous")}
+        names |= {match.group(1) for path in top_dir.glob(".*.tmp-*") if (match := re.fullmatch(r"\.(.+)\.tmp-.*", path.name))}
+        for name in sorted(names):
+            recover(top_dir / name)
+
+
+def reconcile_exports(
+    best: Path, top_dir: Path | None, *, unit: str, best_epoch: int | None, top_k_epochs: Sequence[int] = ()
+) -> list[str]:
+    """Bring best/ and top_k/ in line with a restored state, after a resume from a checkpoint older than the
+    last evaluation (the evaluations after it belong to an abandoned branch of the run). Returns one sentence
+    for each disagreement that is left.
+
+    top_dir/ entries of `unit` that `top_k_epochs` does not list are removed (pass top_dir=None to leave
+    top_dir/ alone). best/ cannot be written again, the restored best's weights are gone: when it holds
+    another evaluation, its sidecar gains "restored_policy_best" (what the restored policy says) and a "note"
+    (unless best/ is a symbolic link), and the sentence names both; the next new best replaces the folder."""
+    messages = []
+    best = Path(best)
+    if _present(best):
+        try:
+            sidecar = read_sidecar(best)
+            held = (sidecar.get("unit", "epoch"), sidecar["epoch"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            sidecar, held = None, None
+            messages.append(f"{best} has no readable sidecar ({type(error).__name__}: {error}); which {unit} it holds is unknown")
+        if sidecar is not None and held != (unit, best_epoch):
+            said = f"the restored policy's best is {unit} {best_epoch}" if best_epoch is not None else "the restored policy has no best yet"
+            note = (
+                f"{best.name}/ holds {held[0]} {held[1]}, evaluated after the checkpoint this run resumed from (an abandoned branch "
+                f"of the run); {said}, whose weights were not kept. {best.name}/ is replaced at the resumed run's next new best"
+            )
+            if not best.is_symlink():  # a link's target is the user's: never written to
+                write_json_atomic(best / SIDECAR, {**sidecar, "restored_policy_best": {"unit": unit, "epoch": best_epoch}, "note": note})
+            messages.append(note)
+    if top_dir is not None and Path(top_dir).is_dir():
+        kept = set(top_k_epochs)
+        on_disk = {}
+        for path in Path(top_dir).iterdir():
+            match = re.fullmatch(rf"{re.escape(unit)}-(\d+)", path.name)
+            if match:
+                on_disk[int(match.group(1))] = path
+        for key, path in sorted(on_disk.items()):
+            if key not in kept:
+                remove_checkpoint(path)
+        missing = sorted(key for key in kept if key not in on_disk)
+        if missing:
+            messages.append(
+                f"{Path(top_dir).name}/ lacks {unit}(s) {missing} of the restored top-k list (removed by the abandoned branch "
+                "of the run); their weights are gone"
+            )
+    return messages
 
 
 def export_checkpoint(folder: Path, write_weights: WeightsWriter, sidecar: dict[str, Any]) -> Path:

@@ -95,7 +95,9 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP/FSDP/torch.compile wrappers: the very object that trains, never a copy."""
+    """The module inside DDP/FSDP/torch.compile wrappers: the very object that trains, never a copy.
+    A module compiled in place (`unet.compile()`, torch >= 2.2) has no wrapper: it is itself, and the
+    previews run through its compiled forward."""
     while True:
         if hasattr(module, "_orig_mod"):
             module = module._orig_mod
@@ -110,7 +112,23 @@ class LoraMonitor:
 
     Build it from the modules the loop already holds, `attach` it to the Accelerator, call
     `on_epoch_end(epoch, step)` after each epoch and stop when `should_stop` is true.
-    Settings are checked here, before training starts.
+    Settings are checked here, before training starts. Where the calls go in an accelerate loop:
+
+        accelerator.load_state(path)                   # restores the monitor's state too (attach)
+        monitor.on_resume(last_epoch, global_step, mid_epoch=...)   # right after load_state
+        for epoch in range(first_epoch, epochs):
+            for batch in dataloader:
+                ...; global_step += 1
+                if global_step % checkpointing_steps == 0:
+                    accelerator.save_state(...)        # taken BEFORE on_epoch_end: on_resume evaluates what it missed
+            monitor.on_epoch_end(epoch + 1, global_step)   # on EVERY process, never inside `if is_main_process:`
+            accelerator.save_state(...)                # an epoch-end checkpoint taken here includes this evaluation
+            if monitor.should_stop:
+                break
+
+    With several processes every rank must make the same calls: each renders its share of the previews.
+    A rank that does not come within `sync_timeout_s` seconds makes the others raise RanksOutOfStepError
+    instead of hanging in the gathers.
     """
 
     def __init__(
@@ -155,7 +173,10 @@ class LoraMonitor:
         scorers: Sequence[Scorer] | None = None,
         listeners: Sequence[Listener] = (),
         progress: bool = False,
+        sync_timeout_s: float = 300.0,
     ) -> None:
+        if not (isinstance(sync_timeout_s, (int, float)) and math.isfinite(sync_timeout_s) and sync_timeout_s > 0):
+            raise ValueError(f"sync_timeout_s must be a number of seconds > 0, got {sync_timeout_s!r}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1):
@@ -258,6 +279,11 @@ class LoraMonitor:
         self._base_images: list[torch.Tensor] | None = None
         self.base_scores: dict[str, list[float]] | None = None
         self._warned: set[str] = set()
+        self.sync_timeout_s = float(sync_timeout_s)
+        self._last_seen: int | None = None  # the last epoch (step) the loop reported, evaluated or not
+        self._state_loaded = False
+        self._resume_pending = False  # a state was loaded: the first call after it checks what the resume skipped
+        self._recover_exports()
 
     def _validation_loss(self, validation):
         """The validation-loss signal over `validation` (a ValidationSet, or a folder of images with .txt captions,
@@ -425,25 +451,118 @@ class LoraMonitor:
 
     def on_epoch_end(self, epoch: int, step: int | None = None, *, force: bool = False) -> EpochReport | None:
         """Render and evaluate `epoch` if it is due (every_n_epochs) or `force`; returns the report, or None when not due.
-        A monitor built with every_n_steps evaluates in on_step_end and does nothing here."""
-        if self.unit == "step" or not (force or self.due(epoch)):
+        A monitor built with every_n_steps evaluates in on_step_end and does nothing here.
+
+        Call it on every process, after the epoch's last optimizer step. A checkpoint saved before it (inside the
+        step loop, as diffusers' --checkpointing_steps does) does not include this evaluation: after resuming from
+        it, call on_resume, which evaluates the epoch from the loaded weights."""
+        if self.unit == "step":
             return None
-        return self._render_and_evaluate(epoch, step)
+        self._settle_resume(epoch)
+        report = self._render_and_evaluate(epoch, step) if force or self.due(epoch) else None
+        self._last_seen = epoch
+        return report
 
     def on_step_end(self, step: int, *, force: bool = False) -> EpochReport | None:
         """Render and evaluate after optimizer step `step` if it is due (every_n_steps) or `force`; the policy,
         record, sidecar and trackers key this evaluation by its step. Returns the report, or None when not due."""
         if self.unit != "step":
             raise ValueError("on_step_end needs a monitor built with every_n_steps=N; this one evaluates by epoch (on_epoch_end)")
-        if not (force or self.due_step(step)):
+        self._settle_resume(step)
+        report = self._render_and_evaluate(step, step) if force or self.due_step(step) else None
+        self._last_seen = step
+        return report
+
+    def on_resume(self, epoch: int | None = None, step: int | None = None, *, mid_epoch: bool = False) -> EpochReport | None:
+        """Call right after accelerator.load_state(...) (or load_state_dict), on every process, with where the
+        checkpoint was saved: `epoch`, the last epoch that had ended (numbered as the loop numbers them for
+        on_epoch_end; None when none had), `step`, the global optimizer step, and `mid_epoch=True` when the
+        checkpoint was taken part-way through the epoch after `epoch`.
+
+        A checkpoint saved at the last step of epoch E before on_epoch_end(E) (diffusers' checkpointing_steps)
+        holds a monitor state that never saw E, and the resumed loop starts at E + 1. Its loaded weights are
+        E's end weights, so E is evaluated here, if due, as the uninterrupted run did; the same for a step
+        checkpoint saved before on_step_end(step). Returns that report, or None when nothing was missed.
+        A missed evaluation whose weights are gone (a checkpoint taken later) is a warning. Afterwards best/
+        and top_k/ are reconciled with the restored state (see load_state_dict)."""
+        key = step if self.unit == "step" else epoch
+        if self.unit == "step" and step is None:
+            raise ValueError("on_resume needs step=: this monitor evaluates every N steps")
+        self._resume_pending = False
+        if not self._state_loaded:
+            self._warn_loudly(
+                "on_resume was called, but no saved monitor state was loaded: attach(accelerator) before accelerator.load_state "
+                f"(or call load_state_dict); the monitor's history starts empty, without the {self.unit}s before the checkpoint"
+            )
+        report = self._evaluate_skipped(key, step, mid_epoch)
+        self._reconcile_exports()
+        return report
+
+    def _evaluate_skipped(self, key: int | None, step: int | None, mid_epoch: bool) -> EpochReport | None:
+        """on_resume's evaluation of `key` when the checkpoint was taken after it ended but before its evaluation."""
+        last = self._last_key()
+        if key is None or (last is not None and key <= last):
+            if key is not None and key < last:
+                self._warn_loudly(
+                    f"on_resume({self.unit} {key}), but the restored monitor state has already seen {self.unit} {last}: give on_resume "
+                    f"the {self.unit} numbering on_{self.unit}_end gets, or the checkpoint's monitor state is not its own"
+                )
             return None
-        return self._render_and_evaluate(step, step)
+        missed = self._missed(last, key)
+        if missed:
+            self._warn_loudly(f"{missed} never evaluated before the checkpoint was taken; their weights are gone: missing from the history")
+        due = self.due(key) if self.unit == "epoch" else self.due_step(key)
+        report = None
+        if due and mid_epoch and self.unit == "epoch":
+            self._warn_loudly(
+                f"epoch {key} ended before the checkpoint but was never evaluated, and the checkpoint was taken part-way through "
+                f"the next epoch: epoch {key}'s weights are gone, it stays unevaluated"
+            )
+        elif due:
+            logger.info("resumed from a checkpoint taken after %s %s but before its evaluation: evaluating it now", self.unit, key)
+            report = self._render_and_evaluate(key, step)
+        self._last_seen = key
+        return report
+
+    def _last_key(self) -> int | None:
+        """The last epoch (step) the restored or running monitor has seen."""
+        seen = [key for key in (self._last_seen, self.policy.history[-1].epoch if self.policy.history else None) if key is not None]
+        return max(seen) if seen else None
+
+    def _missed(self, last: int | None, key: int) -> str:
+        """The due evaluations strictly between `last` and `key`, as a phrase ('' when none, or `last` unknown)."""
+        if last is None:
+            return ""
+        if self.unit == "epoch":
+            missed = [k for k in range(last + 1, key) if self.due(k)]
+        else:
+            missed = list(range((last // self.every_n_steps + 1) * self.every_n_steps, key, self.every_n_steps))
+        if not missed:
+            return ""
+        return f"{self.unit}(s) " + ", ".join(map(str, missed[:5])) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
+
+    def _settle_resume(self, key: int | None) -> None:
+        """The first call after load_state_dict without on_resume: warn about the evaluations the resume skipped
+        (the loop should call on_resume right after load_state) and reconcile best/ and top_k/."""
+        if not self._resume_pending:
+            return
+        self._resume_pending = False
+        missed = self._missed(self._last_key(), key) if key is not None else ""
+        if missed:
+            self._warn_loudly(
+                f"{missed} never evaluated: this run resumed from a checkpoint saved before the evaluation (a checkpoint saved "
+                f"inside the step loop, as diffusers' --checkpointing_steps does, is taken before on_{self.unit}_end). Call "
+                f"monitor.on_resume(epoch, step) right after accelerator.load_state: it evaluates such an {self.unit} "
+                "from the loaded weights"
+            )
+        self._reconcile_exports()
 
     def _render_and_evaluate(self, key: int, step: int | None) -> EpochReport | None:
         """Render and evaluate; when even one preview at a time does not fit in device memory (on any rank),
         every rank skips this evaluation with a warning instead of ending the training run."""
         if self.renderer is None:
             raise ValueError("this monitor has no diffusers modules to render with; call evaluate(epoch, images) instead")
+        self._check_in(key)
         try:
             references = self.base_references() if self.needs_references else None
             indices = self._share()  # several processes: each renders and scores its share; see evaluate_shard
@@ -526,6 +645,7 @@ class LoraMonitor:
     ) -> EpochReport:
         """Score `images` (one (3, H, W) tensor in [0, 1] per preview prompt, in spec order) as epoch `epoch`:
         decide, record, export and tell the listeners. Used by on_epoch_end and for images rendered elsewhere."""
+        self._settle_resume(None)
         images = list(images)
         if len(images) != len(self.spec):
             raise ValueError(f"got {len(images)} images for {self.unit} {epoch}, but the spec has {len(self.spec)} preview prompts")
@@ -554,6 +674,8 @@ class LoraMonitor:
         the shares are gathered, the main process decides, records and exports, and every process gets the
         same decision and the whole epoch's report. `references`, if given, cover the whole spec.
         With one process `indices` must cover the spec, and this is evaluate()."""
+        self._settle_resume(None)
+        self._check_in(epoch)
         indices = [int(index) for index in indices]
         images = list(images)
         if len(indices) != len(images):
@@ -565,6 +687,16 @@ class LoraMonitor:
             return self._evaluate_shards(epoch, indices, lambda: images, step, references)
         finally:
             self._release_signal_models()
+
+    def _check_in(self, key: int) -> None:
+        """With several processes: every rank must be here for the same evaluation before the gathers (see distributed.check_in)."""
+        distributed.check_in(
+            f"{self.unit} {key}'s evaluation",
+            timeout_s=self.sync_timeout_s,
+            hint=f"Call on_{self.unit}_end (on_resume, evaluate_shard) on every process, each renders its share of the previews: "
+            "keep `if accelerator.is_main_process:` for your own logging, not around the monitor. "
+            f"(The wait is LoraMonitor(sync_timeout_s={self.sync_timeout_s:g}).)",
+        )
 
     def _checked_images(self, epoch: int, indices: Sequence[int], images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Images given to evaluate(): (3, H, W) RGB, float in [0, 1] (NaN allowed: a diverged run) or uint8
@@ -699,6 +831,7 @@ class LoraMonitor:
 
     def close(self) -> None:
         """End of training: listeners that hold something open (a W&B run they started) finish it."""
+        self._settle_resume(None)
         for listener in self.listeners:
             finish = getattr(listener, "finish", None)
             if finish is not None:
@@ -761,9 +894,15 @@ class LoraMonitor:
             "policy": self.policy.state_dict(),
             "top_k_epochs": list(self.top_k_epochs),
             "spec_fingerprint": self.spec.fingerprint(),
+            "last_seen": self._last_key(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` (accelerate calls this inside load_state once attached). Exports an interrupted
+        swap left half-done are put back at once. The checkpoint may be older than the last evaluation on disk: the
+        first call after this (on_resume, right after load_state, or else the next on_epoch_end/evaluate) removes
+        top_k/ entries the restored list does not hold and says loudly when best/ holds an evaluation the restored
+        policy does not (its weights cannot be written again: best/ is replaced at the next new best)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"monitor state version {state.get('version')!r} is not {STATE_VERSION}; it was saved by another lora-monitor")
         if state["spec_fingerprint"] != self.spec.fingerprint():
@@ -773,6 +912,31 @@ class LoraMonitor:
             )
         self.policy.load_state_dict(state["policy"])
         self.top_k_epochs = list(state["top_k_epochs"])
+        self._last_seen = state.get("last_seen")
+        self._state_loaded = self._resume_pending = True
+        self._recover_exports()
+
+    def _recover_exports(self) -> None:
+        """Main process: finish or undo the swap of best/ (and top_k/ entries) that a crash interrupted."""
+        if not self.is_main_process or os.environ.get("RANK", "0") != "0":
+            return
+        try:
+            exporting.recover_exports(self.output_dir / "best", self.output_dir / "top_k")
+        except OSError as error:
+            self._warn_loudly(f"could not recover an interrupted export in {self.output_dir}: {error}")
+
+    def _reconcile_exports(self) -> None:
+        """Main process, after a resume: best/ and top_k/ brought in line with the restored state (exporting.reconcile_exports)."""
+        if not (self.export and self.is_main_process):
+            return
+        for message in exporting.reconcile_exports(
+            self.output_dir / "best",
+            self.output_dir / "top_k" if self.top_k > 1 else None,
+            unit=self.unit,
+            best_epoch=self.policy.best_epoch,
+            top_k_epochs=self.top_k_epochs,
+        ):
+            self._warn_loudly(message)
 
     def _notify(self, event: str, payload: Any) -> None:
         """Tell every listener; a listener that raises gets one warning and never stops training."""
@@ -785,6 +949,11 @@ class LoraMonitor:
             except Exception as error:
                 name = type(listener).__name__
                 self._warn_once(f"listener:{name}", f"{name}.{event} failed ({error!r}); training goes on, the local record is complete")
+
+    def _warn_loudly(self, message: str) -> None:
+        """A warning that must not pass unseen (a resume that lost or disagrees with something): logged and warned."""
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -96,14 +96,34 @@ class RunRecord:
 
 
 def read_scores(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The score lines of a run, in order; a torn last line (crash while writing) is skipped."""
+    """The score lines of a run as its history reads: one line per evaluation, in order; a torn last line
+    (crash while writing) is skipped.
+
+    A resumed run appends again from where its checkpoint was: a line for an evaluation at or before one
+    already read (same unit) starts the history anew from there, so an evaluation done twice keeps its last
+    line and the lines of the abandoned branch after it (evaluations the resumed run never reached) go."""
     path = Path(output_dir) / SCORES_FILE
     if not path.exists():
         return []
-    lines = []
+    lines: list[dict[str, Any]] = []
+    last: dict[str, int] = {}  # unit -> the last evaluation read
     for text in path.read_text(encoding="utf-8").splitlines():
         try:
-            lines.append(json.loads(text))
+            line = json.loads(text)
         except json.JSONDecodeError:
             continue
+        key = _history_key(line)
+        if key is not None:
+            unit, epoch = key
+            if unit in last and epoch <= last[unit]:
+                lines = [kept for kept in lines if (k := _history_key(kept)) is None or k[0] != unit or k[1] < epoch]
+            last[unit] = epoch
+        lines.append(line)
     return lines
+
+
+def _history_key(line: Any) -> tuple[str, int] | None:
+    """(unit, epoch or step) of a score line; None for anything else."""
+    if isinstance(line, dict) and isinstance(line.get("epoch"), int):
+        return str(line.get("unit", "epoch")), line["epoch"]
+    return None

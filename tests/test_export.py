@@ -1,4 +1,5 @@
-"""Atomic checkpoint export: symbolic links in the way, best-effort cleanup, durable renames."""
+"""Atomic checkpoint export: symbolic links in the way, best-effort cleanup, durable renames, and a monitor
+putting back what a crash between the renames left."""
 from __future__ import annotations
 
 import os
@@ -213,3 +214,55 @@ def test_fsync_dir_unsupported_is_silent(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         exporting._fsync_dir(tmp_path)
+
+
+# --- a monitor puts back what a crash during an export left, when it is built and when its state is loaded ---------
+def monitor_on(output_dir):
+    import torch
+
+    from lora_monitor.monitor import LoraMonitor
+    from lora_monitor.spec import PreviewSpec
+
+    class Brightness:
+        name, higher_is_better, needs_reference = "brightness", True, False
+
+        def __call__(self, images, reference=None):
+            return images.mean(dim=(1, 2, 3))
+
+    spec = PreviewSpec.from_prompts(["a", "b"], width=16, height=16)
+    monitor = LoraMonitor(
+        spec=spec, output_dir=output_dir, metrics=None, scorers=[Brightness()], monitor="brightness", top_k=2, write_weights=writer(b"w")
+    )
+    return monitor, [torch.full((3, 16, 16), 0.5)] * 2
+
+
+def crash_between_the_renames(folder, content: bytes, epoch: int) -> None:
+    """What export_checkpoint leaves when the process dies after old -> .previous and before new -> folder."""
+    export(folder, content, epoch)
+    new = folder.parent / f".{folder.name}.tmp-crashed"
+    new.mkdir()
+    (new / WEIGHTS).write_bytes(b"half written")
+    folder.rename(folder.with_name(folder.name + ".previous"))
+
+
+def test_building_a_monitor_puts_best_back_after_a_crash_between_the_renames(tmp_path):
+    out = tmp_path / "out"
+    crash_between_the_renames(out / "best", b"epoch 3 weights", 3)
+    crash_between_the_renames(out / "top_k" / "epoch-0002", b"epoch 2 weights", 2)
+    assert not (out / "best").exists()
+    monitor_on(out)
+    assert_new_best(out / "best", b"epoch 3 weights", 3)
+    assert (out / "top_k" / "epoch-0002" / WEIGHTS).read_bytes() == b"epoch 2 weights"
+    assert no_leftovers(out) and sorted(p.name for p in (out / "top_k").iterdir()) == ["epoch-0002"]
+
+
+def test_loading_a_monitor_state_puts_best_back(tmp_path):
+    out = tmp_path / "out"
+    monitor, images = monitor_on(out)
+    monitor.evaluate(1, images)
+    state = monitor.state_dict()
+    resumed, _ = monitor_on(out)
+    crash_between_the_renames(out / "best", b"epoch 1 weights", 1)  # the layout shows up after the build: load_state_dict sees it
+    resumed.load_state_dict(state)
+    assert_new_best(out / "best", b"epoch 1 weights", 1)
+    assert no_leftovers(out)

@@ -1,6 +1,8 @@
-"""Reading images: 16-bit greyscale scaled, not clipped; oversized headers refused with the file's name."""
+"""Reading images: 16-bit greyscale scaled, not clipped; oversized headers refused with the file's name. Reading
+scores back: a resumed run's record reads as its history."""
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_monitor.record import read_image
+from lora_monitor.record import RunRecord, read_image, read_scores
 
 
 def test_16_bit_greyscale_is_scaled_to_0_1_not_clipped_to_white(tmp_path):
@@ -38,3 +40,25 @@ def test_a_header_claiming_30000_squared_pixels_is_refused_naming_the_file(tmp_p
     path.write_bytes(png_header_only(30000, 30000))
     with pytest.raises(ValueError, match=r"bomb\.png: refused as a decompression bomb"):
         read_image(path)
+
+
+def test_read_scores_reads_a_resumed_record_as_the_resumed_history(tmp_path):
+    """A run evaluated epochs 1 to 4, was resumed from the checkpoint after epoch 2 and evaluated 3 again, then
+    crashed while writing; step lines of another monitor in the same folder keep their own history."""
+    lines = [
+        {"epoch": 1, "unit": "epoch", "value": "a1"}, {"epoch": 2, "unit": "epoch", "value": "a2"},
+        {"epoch": 10, "unit": "step", "value": "s10"},
+        {"epoch": 3, "unit": "epoch", "value": "a3"}, {"epoch": 4, "unit": "epoch", "value": "a4"},
+        {"epoch": 3, "unit": "epoch", "value": "b3"},  # the resumed run: epochs 3 and 4 of the first try are abandoned
+        {"epoch": 20, "unit": "step", "value": "s20"},
+    ]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"epoch": 4, "unit": "ep'  # a torn last line
+    (tmp_path / "scores.jsonl").write_text(text, encoding="utf-8")
+    assert [line["value"] for line in read_scores(tmp_path)] == ["a1", "a2", "s10", "b3", "s20"]
+
+
+def test_read_scores_keeps_the_last_line_of_an_evaluation_done_twice(tmp_path):
+    record = RunRecord(tmp_path)
+    for epoch, value in ((1, 0.1), (2, 0.2), (2, 0.25), (3, 0.3)):  # epoch 2 again: a resume from before its evaluation
+        record.append_scores({"epoch": epoch, "unit": "epoch", "value": value})
+    assert [(line["epoch"], line["value"]) for line in read_scores(tmp_path)] == [(1, 0.1), (2, 0.25), (3, 0.3)]
