@@ -137,6 +137,8 @@ def main(argv=None) -> None:
         accelerator.load_state(args.resume_from_checkpoint)  # restores the monitor's history too
         first_epoch = int(Path(args.resume_from_checkpoint).name.split("-")[-1])
     global_step = first_epoch * len(dataloader)
+    if args.resume_from_checkpoint:
+        monitor.on_resume(first_epoch or None, global_step)  # lora-monitor: evaluates an epoch the checkpoint skipped
     progress = tqdm(total=args.num_train_epochs * len(dataloader), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
 
     for epoch in range(first_epoch, args.num_train_epochs):

@@ -146,6 +146,10 @@ def run_demo(args: argparse.Namespace) -> int:
     print(policy.stop_reason or f"trained all {args.epochs} epochs; best {metric} at epoch {policy.best_epoch}.")
     best = next((result for result in policy.history if result.epoch == policy.best_epoch), None)
     if best is not None:
+        from lora_monitor.record import read_scores
+
+        reason = next(line["reason"] for line in read_scores(monitor.output_dir) if line["epoch"] == policy.best_epoch)
+        print(f"why epoch {policy.best_epoch}: {reason}")
         print(f"best epoch {policy.best_epoch}: LoRA in {monitor.output_dir / 'best'} (pytorch_lora_weights.safetensors + lora_monitor.json)")
     else:
         print("no epoch met the policy's bounds, so nothing was exported: " + "; ".join(f"epoch {r.epoch}: {r.note}" for r in policy.history))

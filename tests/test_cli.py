@@ -47,6 +47,7 @@ def test_demo_trains_prints_a_table_and_exports_the_best(tmp_path, capsys):
     best = lines[-1]["best_epoch"]
     assert [int(r[0]) for r in rows if r[2] == "*"][-1] == best
     assert f"best epoch {best}" in out and "policy 'quality': best = lowest mean BRISQUE" in out
+    assert f"why epoch {best}: " + [line for line in lines if line["epoch"] == best][0]["reason"] in out
     assert (tmp_path / "run" / "monitor" / "best" / "pytorch_lora_weights.safetensors").is_file()
 
 
