@@ -73,6 +73,28 @@ BEING_WRITTEN = "still being written (it changed since the last look)"
 NOT_WRITTEN = "no sample yet"
 
 
+
+def write_stop_file(output_dir: Path, text: str, say: Callable[[str], None]) -> None:
+    """Write OUTPUT_DIR/STOP atomically (a trainer or script polling for it never sees half a file) and say so."""
+    temporary = output_dir / f".{STOP_FILE}.{os.getpid()}.tmp"
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, output_dir / STOP_FILE)
+    finally:
+        temporary.unlink(missing_ok=True)
+    say(f"lora-monitor watch: STOP written to {output_dir / STOP_FILE}:\n  " + text.strip().replace("\n", "\n  "))
+
+
+def sample_inside(path: Path, output_dir: Path, say_once: Callable[[Any, str], None]) -> bool:
+    """Whether sample `path` may be read: not a link that leads out of the output folder (said once if it does)."""
+    if path.is_symlink():
+        try:
+            inside_folder(path, output_dir, "sample")
+        except OutsideFolderError as error:
+            say_once(("outside", path), f"lora-monitor watch: {error}")
+            return False
+    return True
+
 class CheckpointRefused(ValueError):
     """A network file the watcher will not copy into best/; the message names it and says why."""
 
@@ -301,16 +323,7 @@ class KohyaWatcher:
         """The epoch samples in the sample folder, less links that lead out of the output folder (each named once)."""
         if self.sample_dir.is_symlink():
             inside_folder(self.sample_dir, self.output_dir, "the sample folder")
-        kept = []
-        for sample in list_samples(self.sample_dir):
-            if sample.path.is_symlink():
-                try:
-                    inside_folder(sample.path, self.output_dir, "sample")
-                except OutsideFolderError as error:
-                    self._say_once(("outside", sample.path), f"lora-monitor watch: {error}")
-                    continue
-            kept.append(sample)
-        return kept
+        return [sample for sample in list_samples(self.sample_dir) if sample_inside(sample.path, self.output_dir, self._say_once)]
 
     def _read_epoch(self, epoch: int, by_index: Mapping[int, SampleFile]) -> list | None:
         """The epoch's images in prompt order, or None with what it waits for in self._waiting[epoch]. A sample that
@@ -402,14 +415,8 @@ class KohyaWatcher:
                 f"best epoch: {policy.best_epoch} ({self.output_dir / 'best'})\n"
                 "The watcher does not stop the trainer: stop it yourself (the GUI's stop button, or Ctrl-C).\n")
         write_json_atomic(self.output_dir / (STOP_FILE + ".json"), {"epoch": policy.stopped_epoch, "reason": policy.stop_reason, "best_epoch": policy.best_epoch})
-        temporary = self.output_dir / f".{STOP_FILE}.{os.getpid()}.tmp"
-        try:
-            temporary.write_text(text, encoding="utf-8")
-            os.replace(temporary, self.output_dir / STOP_FILE)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_stop_file(self.output_dir, text, self.say)
         self.stop_written = True
-        self.say(f"lora-monitor watch: STOP written to {self.output_dir / STOP_FILE}:\n  " + text.strip().replace("\n", "\n  "))
 
     # ------------------------------------------------------------------ checkpoints
     def _usable(self, path: Path) -> bool:

@@ -34,8 +34,8 @@ import torch
 from lora_monitor import trainer_layouts, trainer_logs
 from lora_monitor.export import export_checkpoint, read_sidecar, write_json_atomic
 from lora_monitor.integrations.kohya import UnreadableSampleError, decision_text, read_sample
-from lora_monitor.integrations.kohya_watch import MISSING_NOTE, STOP_FILE, CheckpointRefused, copy_checkpoint
-from lora_monitor.kohya_names import FolderLock, OutsideFolderError, inside_folder
+from lora_monitor.integrations.kohya_watch import MISSING_NOTE, STOP_FILE, CheckpointRefused, copy_checkpoint, sample_inside, write_stop_file
+from lora_monitor.kohya_names import FolderLock, inside_folder
 from lora_monitor.monitor import LoraMonitor, quantize
 from lora_monitor.scoring.scorers import get_scorer
 from lora_monitor.spec import PreviewPrompt, PreviewSpec
@@ -237,13 +237,8 @@ class TrainerWatcher:
         samples = trainer_layouts.list_samples(self.output_dir, self.layout)
         self._videos = {sample.path for sample in samples if sample.video}
         for sample in sorted(samples, key=lambda s: (s.key, s.stamp, s.path.name)):  # a re-render after a restart: the newest wins
-            if sample.path.is_symlink():
-                try:
-                    inside_folder(sample.path, self.output_dir, "sample")
-                except OutsideFolderError as error:
-                    self._say_once(("outside", sample.path), f"lora-monitor watch: {error}")
-                    continue
-            found.setdefault(sample.key, {})[int(sample.prompt)] = sample.path
+            if sample_inside(sample.path, self.output_dir, self._say_once):
+                found.setdefault(sample.key, {})[int(sample.prompt)] = sample.path
         return found
 
     def _complete(self, by_prompt: Mapping[int, Path]) -> bool:
@@ -311,7 +306,7 @@ class TrainerWatcher:
         image_scorers = [get_scorer(n, options=signal_options) for n in metrics if n != TRAINER_VAL_LOSS and not self._video_only(n)]
         bounds = dict(options.pop("bounds", None) or {})
         if self.video:
-            from lora_monitor.video import TEMPORAL_SSIM, VIDEO_PRESET, video_polarity
+            from lora_monitor.video import VIDEO_PRESET, video_polarity
 
             self.video_scorers = [s for s in image_scorers if not getattr(s, "whole_set", False)]
             polarity = video_polarity(self.video_scorers)
@@ -418,14 +413,8 @@ class TrainerWatcher:
                 f"The watcher does not stop the trainer, which must be stopped by hand. {how}\n")
         write_json_atomic(self.output_dir / (STOP_FILE + ".json"), {
             "unit": self.unit, self.unit: policy.stopped_epoch, "reason": policy.stop_reason, "best": policy.best_epoch, "how_to_stop": how})
-        temporary = self.output_dir / f".{STOP_FILE}.{os.getpid()}.tmp"
-        try:
-            temporary.write_text(text, encoding="utf-8")
-            os.replace(temporary, self.output_dir / STOP_FILE)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_stop_file(self.output_dir, text, self.say)
         self.stop_written = True
-        self.say(f"lora-monitor watch: STOP written to {self.output_dir / STOP_FILE}:\n  " + text.strip().replace("\n", "\n  "))
 
     # ------------------------------------------------------------------ checkpoints
     def _write_checkpoint(self, folder: Path) -> None:
