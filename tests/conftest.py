@@ -111,3 +111,17 @@ def empty_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(cache), raising=False)
     return tmp_path / "hf"
+
+
+def cached_brisque_model():
+    """The BRISQUE SVR model from an explicit path, our cache or a pyiqa/piq cache, never downloaded here;
+    without it the test fails under CI (`make test` fetches it first) and is skipped elsewhere."""
+    from lora_monitor.scoring import brisque_model as bm
+
+    try:
+        return bm.resolve_brisque_model(sources=("path", "cache", "pyiqa-cache"), write_cache=False)
+    except bm.BrisqueModelError as err:
+        message = f"BRISQUE SVR model unavailable; run `lora-monitor models brisque` first.\n{err}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)

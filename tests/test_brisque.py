@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
 import pickle
 from pathlib import Path
 
 import calibration as calibration_data
 import pytest
+from conftest import cached_brisque_model
 import torch
 import torch.nn.functional as torch_f
 
@@ -56,14 +56,7 @@ def calibration() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def model() -> SVRModel:
-    """The SVR model from an explicit path, our cache or a pyiqa/piq cache; never downloaded here."""
-    try:
-        return bm.resolve_brisque_model(sources=("path", "cache", "pyiqa-cache"), write_cache=False)
-    except bm.BrisqueModelError as err:
-        message = f"BRISQUE SVR model unavailable; run `lora-monitor models brisque` first.\n{err}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    return cached_brisque_model()
 
 
 @pytest.fixture(scope="module")

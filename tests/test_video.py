@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cached_brisque_model
 import torch
 from PIL import Image
 
@@ -107,16 +107,7 @@ TOLERANCE = {"webp": 1e-6, "gif": 1e-6, "mp4": 6 / 255}
 
 @pytest.fixture(scope="module")
 def brisque_model():
-    """The SVR model from an explicit path, our cache or a pyiqa/piq cache; never downloaded here."""
-    from lora_monitor.scoring import brisque_model as bm
-
-    try:
-        return bm.resolve_brisque_model(sources=("path", "cache", "pyiqa-cache"), write_cache=False)
-    except bm.BrisqueModelError as err:
-        message = f"BRISQUE SVR model unavailable; run `lora-monitor models brisque` first.\n{err}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    return cached_brisque_model()
 
 
 # ---------------------------------------------------------------------------- reading
