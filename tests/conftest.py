@@ -125,3 +125,25 @@ def cached_brisque_model():
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def shape_image(kind: str, size: int = 32, shift: int = 0, seed: int | None = None) -> torch.Tensor:
+    """A (3, size, size) picture of a disc, square or stripe: on flat grey, or with `seed` on a smooth random
+    background (distinct content even a tiny random DINOv2 tells apart)."""
+    if seed is None:
+        image = torch.full((3, size, size), 0.5)
+    else:
+        background = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        image = 0.35 + 0.3 * torch.nn.functional.interpolate(background[None], size=(size, size), mode="bicubic", align_corners=False)[0]
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centre = size / 2 + shift
+    if kind == "disc":
+        mask, colour = (y - centre) ** 2 + (x - centre) ** 2 < (size / 3) ** 2, (0.9, 0.1, 0.1)
+    elif kind == "square":
+        mask, colour = ((y - centre).abs() < size / 4) & ((x - centre).abs() < size / 4), (0.1, 0.1, 0.9)
+    else:
+        mask, colour = (y - centre).abs() < size / 8, (0.1, 0.8, 0.1)
+    for channel, value in enumerate(colour):
+        image[channel][mask] = value
+    return image.clamp(0, 1)
+

@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from conftest import shape_image
 
 from conftest import nudge_lora
 from lora_monitor.monitor import quantize
@@ -28,21 +29,8 @@ SIGNALS = ["likeness", "adherence", "diversity", "memorization"]
 
 
 def picture(kind: str, *, shift: int = 0, seed: int = 0, size: int = 64) -> torch.Tensor:
-    """A shape (disc, square or stripe) on a smooth random background: distinct content the tiny DINOv2 tells apart."""
-    generator = torch.Generator().manual_seed(seed)
-    background = torch.rand(3, 8, 8, generator=generator)
-    image = 0.35 + 0.3 * torch.nn.functional.interpolate(background[None], size=(size, size), mode="bicubic", align_corners=False)[0]
-    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    centre = size / 2 + shift
-    if kind == "disc":
-        mask, colour = (y - centre) ** 2 + (x - centre) ** 2 < (size / 3) ** 2, (0.9, 0.1, 0.1)
-    elif kind == "square":
-        mask, colour = ((y - centre).abs() < size / 4) & ((x - centre).abs() < size / 4), (0.1, 0.1, 0.9)
-    else:
-        mask, colour = (y - centre).abs() < size / 8, (0.1, 0.8, 0.1)
-    for channel, value in enumerate(colour):
-        image[channel][mask] = value
-    return image.clamp(0, 1)
+    """A shape on a smooth random background (conftest.shape_image)."""
+    return shape_image(kind, size=size, shift=shift, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import shape_image
 from lora_monitor.record import read_image, save_png_atomic
 from lora_monitor.scoring.embeddings import (
     DEFAULT_CLIP, DEFAULT_DINO, EmbeddingModel, ModelNotAvailableError, load_embedding_model,
@@ -18,25 +19,9 @@ from lora_monitor.scoring.signals import (
     AdherenceScorer, DiversityScorer, LikenessScorer, MemorizationScorer, SignalOptions, strip_trigger_words,
 )
 from lora_monitor.scoring.scorers import get_scorer
-from lora_monitor.tiny.embedders import build_tiny_dino, save_tiny_clip, save_tiny_dino
+from lora_monitor.tiny.embedders import build_tiny_dino, save_tiny_clip
 
 CAPTIONS = ["a red disc", "a blue square", "a green stripe"]
-
-
-def shape_image(kind: str, size: int = 32, shift: int = 0) -> torch.Tensor:
-    """Synthetic (3, size, size) images of clearly different content on a grey background."""
-    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    image = torch.full((3, size, size), 0.5)
-    centre = size / 2 + shift
-    if kind == "disc":
-        mask, colour = (y - centre) ** 2 + (x - centre) ** 2 < (size / 3) ** 2, (0.9, 0.1, 0.1)
-    elif kind == "square":
-        mask, colour = ((y - centre).abs() < size / 4) & ((x - centre).abs() < size / 4), (0.1, 0.1, 0.9)
-    else:
-        mask, colour = (y - centre).abs() < size / 8, (0.1, 0.8, 0.1)
-    for channel, value in enumerate(colour):
-        image[channel][mask] = value
-    return image
 
 
 SHAPES = ["disc", "square", "stripe"]
