@@ -11,7 +11,7 @@ from lora_monitor import posthoc
 from lora_monitor.cli import main
 from lora_monitor.posthoc import parse_strengths
 from lora_monitor.posthoc.candidates import MAX_STRENGTHS
-from lora_monitor.scoring.commands import available_devices, check_device
+from lora_monitor.cli.flags import available_devices, check_device
 
 
 @pytest.fixture

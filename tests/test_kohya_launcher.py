@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from kohya_fake import FAMILY_SCRIPTS, write_fake_checkout
 from lora_monitor import kohya_names
 from lora_monitor.export import read_sidecar
-from lora_monitor.integrations import kohya, kohya_commands
+from lora_monitor.cli import kohya as kohya_commands
+from lora_monitor.integrations import kohya
 from lora_monitor.record import read_scores
 
 

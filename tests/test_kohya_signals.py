@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from kohya_fake import write_fake_checkout
 from lora_monitor.cli import main
 from lora_monitor.export import read_sidecar
-from lora_monitor.integrations import kohya, kohya_commands
+from lora_monitor.cli import flags
+from lora_monitor.integrations import kohya
 from lora_monitor.monitor import quantize
 from lora_monitor.record import read_scores, save_png_atomic
 
@@ -242,8 +243,9 @@ def test_launcher_refuses_bad_signal_settings_before_training(checkout, training
 
 # ------------------------------------------------------------------------------------------------ the flags
 def parse(command: str, *argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    kohya_commands.register(parser.add_subparsers())
+    from lora_monitor.cli import build_parser
+
+    parser = build_parser()
     head = ["kohya", "--sd-scripts", "x"] if command == "kohya" else ["watch", "out"]
     return parser.parse_args([*head, *argv])
 
@@ -263,25 +265,28 @@ def parse(command: str, *argv: str) -> argparse.Namespace:
 def test_monitor_options_resolve_like_the_monitor(argv, metrics, monitor, bounds, training_images):
     refs, _ = training_images
     for command in ("kohya", "watch"):
-        options = kohya_commands.monitor_options(parse(command, *argv, "--refs", str(refs)))
+        options = flags.monitor_options(parse(command, *argv, "--refs", str(refs)), command)
         assert (options["metrics"], options["monitor"], options["bounds"]) == (metrics, monitor, bounds)
         assert options["references"] == str(refs) and options["strip_words"] == ()
         assert "clip_model" not in options and "dino_model" not in options  # the monitor's defaults
 
 
 def test_signal_flags_are_defined_once_for_every_command():
-    """--preset, --refs, --clip-model, --dino-model and --strip-words: one spelling and one help text in every command."""
+    """The policy and signal flags: one spelling, one help text and one way of reading them in every command."""
     from lora_monitor.cli import build_parser
 
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     helps: dict[str, set[str]] = {}
+    shared = ("--preset", "--metrics", "--metric", "--bound", "--min-delta", "--aggregate",
+              "--refs", "--clip-model", "--dino-model", "--strip-words")
     for command in ("epochs", "strength", "grid", "kohya", "watch"):
         actions = {option: action for action in subcommands[command]._actions for option in action.option_strings}
-        for flag in ("--preset", "--refs", "--clip-model", "--dino-model", "--strip-words"):
-            helps.setdefault(flag, set()).add(actions[flag].help)
+        for flag in shared:
+            helps.setdefault(flag, set()).add((actions[flag].help, actions[flag].nargs, str(actions[flag].choices)))
+    assert all(len(texts) == 1 for texts in helps.values()), helps
     assert all(len(texts) == 1 for texts in helps.values()), helps
     args = parse("watch", "--strip-words", "sks, ohwx", "--strip-words", "sks", "--metrics", "ssim")
-    assert kohya_commands.monitor_options(args)["strip_words"] == ("sks", "ohwx")
+    assert flags.monitor_options(args, "kohya")["strip_words"] == ("sks", "ohwx")
 
 
 def test_check_seed_groups_only_when_diversity_is_computed(tmp_path):

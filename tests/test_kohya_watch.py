@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_monitor.export import read_sidecar
-from lora_monitor.integrations import kohya_commands
+from lora_monitor.cli import flags, watch as watch_command
 from lora_monitor.integrations.kohya_watch import MISSING_NOTE, STOP_FILE, KohyaWatcher
 from lora_monitor.record import read_scores
 
@@ -103,9 +103,9 @@ def kohya_run(out: Path, renders, epochs: int, save_last_n: int | None, pause: f
 
 def watch(out: Path, prompts: Path, *extra: str, say=None) -> KohyaWatcher:
     parser = argparse.ArgumentParser()
-    kohya_commands.register(parser.add_subparsers())
+    watch_command.register(parser.add_subparsers())
     args = parser.parse_args(["watch", str(out), "--prompts", str(prompts), "--metrics", "ssim", *extra])
-    return KohyaWatcher(args.output_dir, prompts=args.prompts, base=args.base, monitor_options=kohya_commands.monitor_options(args), say=say or print)
+    return KohyaWatcher(args.output_dir, prompts=args.prompts, base=args.base, monitor_options=flags.monitor_options(args, "watch"), say=say or print)
 
 
 def test_watches_a_run_as_it_happens(renders, tmp_path, capsys):

@@ -13,7 +13,7 @@ from conftest import LORA_TARGETS, nudge_lora
 from lora_monitor import posthoc
 from lora_monitor.monitor import LoraMonitor, quantize
 from lora_monitor.policy import BestEpochPolicy
-from lora_monitor.posthoc_commands import main
+from lora_monitor.cli import main
 from lora_monitor.record import save_png_atomic
 from lora_monitor.scoring import get_scorer
 from lora_monitor.spec import PreviewSpec
@@ -256,7 +256,7 @@ def test_strength_sweep_matches_diffusers_lora_scale(run, tmp_path):
     """Our scale is diffusers' scale: pipeline(..., cross_attention_kwargs={'scale': s}); 0 is the base model."""
     import argparse
 
-    from lora_monitor.posthoc_commands import analyse_args, register
+    from lora_monitor.cli.posthoc import analyse_args, register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
@@ -471,7 +471,7 @@ def test_epochs_and_steps_are_not_ranked_together(tmp_path):
 
 def test_step_candidates_are_labelled_and_reported_as_steps(run, tmp_path):
     """Labels, the policy's sentences, the table and the report say "step N" for a step-based run."""
-    from lora_monitor.posthoc_commands import table, to_csv
+    from lora_monitor.posthoc.tables import table, to_csv
     from lora_monitor.report import write_report
 
     candidates = [posthoc.Candidate(step, None, images, [None] * len(images), unit="step") for step, images in zip((10, 20, 30), run["epochs"].values())]

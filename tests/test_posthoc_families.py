@@ -16,7 +16,7 @@ import torch
 
 from lora_monitor.families import FAMILIES, get_family
 from lora_monitor.monitor import LoraMonitor
-from lora_monitor.posthoc_commands import main
+from lora_monitor.cli import main
 from lora_monitor.spec import PreviewSpec
 from lora_monitor.tiny import LORA_TARGET_MODULES, TINY_IMAGE_SIZE, available_tiny_families, denoiser
 
@@ -162,7 +162,7 @@ def run_analysis(argv):
     """The command's Analysis (images included), through the CLI's own argument parsing."""
     import argparse
 
-    from lora_monitor.posthoc_commands import analyse_args, register
+    from lora_monitor.cli.posthoc import analyse_args, register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

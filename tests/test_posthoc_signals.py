@@ -17,7 +17,7 @@ from conftest import shape_image
 
 from conftest import nudge_lora
 from lora_monitor.monitor import quantize
-from lora_monitor.posthoc_commands import main
+from lora_monitor.cli import main
 from lora_monitor.record import read_image, save_png_atomic
 from lora_monitor.scoring import get_scorer
 from lora_monitor.scoring.signals import SignalOptions
@@ -210,7 +210,7 @@ def test_seeds_per_prompt_renders_each_prompt_under_several_seeds(pipeline, tiny
     import argparse
 
     from lora_monitor.export import diffusers_lora_writer
-    from lora_monitor.posthoc_commands import analyse_args, register
+    from lora_monitor.cli.posthoc import analyse_args, register
 
     for epoch in (1, 2):
         nudge_lora(pipeline.unet, seed=epoch, scale=0.4)
@@ -299,13 +299,15 @@ def test_adherence_needs_prompt_text(likeness_run, capsys):
     assert "--prompts" in err and "adherence" in err
 
 
-def test_explicit_metrics_are_taken_as_given(likeness_run, capsys):
-    """Like the monitor: explicit --metrics gain nothing, so a monitored or bounded metric missing from them is an error
-    naming the fix; the preset's metrics gain what --metric and --bound need."""
-    err = _refused(capsys, *likeness_run["argv"], "--metrics", "likeness")
-    assert "'brisque' is not among --metrics likeness" in err and "--metric" in err
-    err = _refused(capsys, *likeness_run["argv"], "--metrics", "likeness", "--metric", "likeness", "--bound", "diversity=0.8x:")
-    assert "'diversity'" in err and "add it to --metrics" in err
+def test_metrics_resolve_by_the_one_rule_of_every_command(likeness_run, capsys):
+    """As in kohya and watch: without --preset the first of --metrics is monitored, and the monitored and bounded
+    metrics join explicit --metrics; a preset's metrics gain what --metric and --bound need."""
+    code, out, err = run_cli(capsys, *likeness_run["argv"], "--metrics", "likeness", "--json")
+    assert code == 0, err
+    assert json.loads(out)["metrics"] == ["likeness"] and json.loads(out)["policy"]["metric"] == "likeness"
+    code, out, err = run_cli(capsys, *likeness_run["argv"], "--metrics", "likeness,ssim", "--bound", "brisque=:200", "--json")
+    assert code == 0, err
+    assert json.loads(out)["metrics"] == ["likeness", "ssim", "brisque"]
     code, out, err = run_cli(capsys, *likeness_run["argv"], "--metric", "memorization", "--bound", "likeness=0.5:", "--json")
     assert code == 0, err
     assert json.loads(out)["metrics"] == ["memorization", "brisque", "ssim", "likeness"]

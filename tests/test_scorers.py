@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from lora_monitor.cli import score as commands
 from lora_monitor.scoring import brisque_model as bm
-from lora_monitor.scoring import commands
 from lora_monitor.scoring.brisque import SVRModel
 from lora_monitor.scoring.scorers import BrisqueScorer, Scorer, available_scorers, get_scorer
 
@@ -110,7 +110,7 @@ def fake_pyiqa(monkeypatch):
 def test_pyiqa_is_not_imported_unless_asked():
     import subprocess
 
-    code = ("import sys; from lora_monitor.scoring import get_scorer; import lora_monitor.scoring.commands; "
+    code = ("import sys; from lora_monitor.scoring import get_scorer; import lora_monitor.cli.score; "
             "get_scorer('brisque'); print('pyiqa' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -6,9 +6,13 @@ import os
 import sys
 
 DESCRIPTION = """\
-Score LoRA preview images every epoch (BRISQUE, SSIM against the base model), keep the best
-epoch, stop early. In a training loop use the Python API (see the README); these commands run
-the demo, score image files, and fetch the models the scorers need."""
+Score LoRA preview images every epoch (BRISQUE, SSIM against the base model, likeness, adherence,
+diversity), keep the best epoch, stop early. In your own training loop use the Python API (see the
+README); these commands run the demo, score images, rank saved checkpoints, run kohya's trainer
+with the monitor, and watch other trainers' output folders."""
+EPILOG = """\
+Every command's --help ends with examples. Start with:
+  lora-monitor demo                      # a LoRA learning, then overfitting, on a tiny offline model"""
 
 
 def _quiet_libraries() -> None:
@@ -20,40 +24,38 @@ def _quiet_libraries() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command: one module of this package per command group, each with `register`."""
     from lora_monitor import __version__
-    from lora_monitor import posthoc_commands
-    from lora_monitor.cli import demo
-    from lora_monitor.integrations import kohya_commands
-    from lora_monitor.scoring import commands as scoring_commands
+    from lora_monitor.cli import demo, kohya, posthoc, score, watch
 
-    parser = argparse.ArgumentParser(prog="lora-monitor", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="lora-monitor", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lora-monitor {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    demo.register(subparsers)
-    scoring_commands.register(subparsers)
-    posthoc_commands.register(subparsers)
-    kohya_commands.register(subparsers)
+    for group in (demo, score, posthoc, kohya, watch):
+        group.register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; bad input and missing models end with a message (exit 2 and 1), not a traceback."""
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from lora_monitor.kohya_names import FolderLockedError
     from lora_monitor.scoring.brisque_model import BrisqueModelError
+    from lora_monitor.scoring.embeddings import ModelNotAvailableError
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, BrisqueModelError) as error:  # bad input: a message, not a traceback
-        print(f"lora-monitor {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
-    except OSError as error:  # e.g. an --output-dir that cannot be written: a message, not a traceback
+    except (BrisqueModelError, ModelNotAvailableError) as error:  # a model this machine does not have (the message says how to get it)
+        print(f"lora-monitor {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, FolderLockedError) as error:  # bad input, an unwritable folder, a folder another process scores
         print(f"lora-monitor {args.command}: error: {error}", file=sys.stderr)
         return 2
-

@@ -11,7 +11,7 @@ def register(subparsers) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="train a LoRA on a tiny offline model with the monitor attached (about 30 s on a 2-core CPU)",
+        help="train a tiny offline LoRA and watch the monitor pick its epoch",
         description=(
             "Build a tiny Stable Diffusion model with random weights (offline), make a small synthetic data set of "
             "coloured shapes, train a LoRA on it for a few epochs on the CPU with the monitor attached, print a "

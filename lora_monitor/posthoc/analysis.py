@@ -6,7 +6,7 @@ the same scorers, and passed to one `BestEpochPolicy.update` per candidate in in
 ties (within min_delta) go to the earlier epoch or the lower strength. The base model's images are
 scored the same way first: their aggregates are the values bounds such as adherence >= 0.9x base
 multiply (`policy.set_base`). The result objects here are what the table, the JSON/CSV output
-(posthoc_commands.py) and the HTML report (report.py) read.
+(lora_monitor/cli/posthoc.py) and the HTML report (report.py) read.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The help texts of the post-hoc commands (`epochs`, `strength`, `grid`): descriptions, examples and the
 epilog that explains base models, signals, presets, relative bounds, the policy and the size rule.
 
-Kept apart from the argument handling (posthoc_commands.py) so that each file says one thing; the signal
+Kept apart from the argument handling (lora_monitor/cli/posthoc.py) so that each file says one thing; the signal
 lines come from the scorers' own `describe` and the preset lines from `PolicyPreset.rule`.
 """
 from __future__ import annotations
@@ -68,8 +68,9 @@ previews with the same prompt text are one prompt's seeds (kohya: repeat a promp
 --clip-model and --dino-model take a hub name already in the cache or a model folder.
 
 presets (--preset): metrics, monitored metric and bounds in one word; --metrics, --metric and --bound
-given explicitly win (explicit --metrics are taken as they are; a preset's metrics gain what --metric
-and --bound need). Without --preset the settings are quality's.
+given explicitly win, by the rule of every command: the monitored metric is --metric, else the first
+of --metrics when no --preset is named, else the preset's; the monitored and bounded metrics join the
+metrics when missing. Without --preset the settings are quality's.
 {_presets_help()}
 
 relative bounds: a side written as a factor and x (--bound adherence=0.9x:) is that factor times the

@@ -1,4 +1,4 @@
-"""The `score` and `models` subcommands of lora-monitor.
+"""`lora-monitor score` and `lora-monitor models`: score image files; fetch the models the scorers need.
 
 `register(subparsers)` adds both to an argparse subparsers object; each sets `func(args) -> int`.
 """
@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from lora_monitor.cli.flags import add_device_argument, check_device
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
-SCORE_HELP = "score image files with any scorer and print file, metric, score"
+SCORE_HELP = "score image files with any scorer (BRISQUE, SSIM, ...)"
 SCORE_DESCRIPTION = """\
 Score image files with a registered scorer, so anyone can check a number.
 
@@ -33,7 +35,7 @@ examples:
   lora-monitor score out/ --metric pyiqa:niqe                 # needs the pyiqa extra
 """
 
-MODELS_HELP = "fetch, check and cache the models a scorer needs (BRISQUE SVR, CLIP, DINOv2)"
+MODELS_HELP = "fetch the models the scorers need (BRISQUE, CLIP, DINOv2)"
 MODELS_DESCRIPTION = """\
 Fetch a model a scorer needs into its cache and say where it is.
 
@@ -77,7 +79,7 @@ def register(subparsers) -> None:
     )
     score.add_argument("--ref", metavar="IMAGE_OR_DIR", help="reference image, or directory with same-named files")
     score.add_argument("--json", action="store_true", help="print a JSON list of {file, metric, score}")
-    score.add_argument("--device", default="cpu", help="torch device to score on: cpu, cuda[:N] or mps where this machine has it (default: cpu)")
+    add_device_argument(score, "cpu", "cpu")
     score.add_argument("--model", metavar="FILE", help="BRISQUE SVR model file (default: resolved as `models` does)")
     score.set_defaults(func=run_score)
 
@@ -125,42 +127,6 @@ def load_image(path: Path) -> torch.Tensor:
     from lora_monitor.record import read_image
 
     return read_image(path).unsqueeze(0)
-
-
-def available_devices() -> list[str]:
-    """The torch device types this machine can use: cpu, and cuda / mps where available."""
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devices.append("mps")
-    return devices
-
-
-def check_device(name: str, option: str = "--device") -> str:
-    """`name` if this machine has that torch device, else a ValueError naming it and what is available.
-
-    Shared by `score` and the post-hoc commands, so a bad --device fails before anything is loaded.
-    """
-    available = available_devices()
-    listed = ", ".join(available)
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"{option} {name!r}: not a torch device; available here: {listed}") from None
-    if device.type not in available:
-        if device.type in ("cuda", "mps"):
-            reason = f"{device.type.upper() if device.type == 'cuda' else 'MPS'} is not available on this machine"
-        else:
-            reason = "not a device lora-monitor can use"
-        raise ValueError(f"{option} {name!r}: {reason}; available here: {listed}")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"{option} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 to "
-            f"cuda:{torch.cuda.device_count() - 1}); available here: {listed}"
-        )
-    return name
 
 
 def _reference_for(image_path: Path, ref: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The `epochs`, `strength` and `grid` subcommands of lora-monitor (post-hoc analysis).
+"""`lora-monitor epochs`, `strength` and `grid`: rank saved checkpoints or sample images after training.
 
 `register(subparsers)` adds them to an argparse subparsers object; each sets `func(args) -> int`.
 """
@@ -19,24 +19,25 @@ from lora_monitor.posthoc.help_text import (
     STRENGTH_DESCRIPTION,
 )
 from lora_monitor.posthoc.tables import table, to_csv
-from lora_monitor.signal_flags import (
-    TRAINING_REFERENCE_METRICS,
-    VALIDATION_METRIC,
-    add_preset_argument,
+from lora_monitor.cli.flags import (
+    add_device_argument,
+    add_policy_arguments,
     add_signal_arguments,
+    check_device,
+    resolve_policy,
     signal_settings,
-    split_names,
+    unused_refs_note,
 )
 
-__all__ = ["analyse_args", "main", "register", "run", "table", "to_csv"]
+__all__ = ["analyse_args", "register", "run"]
 
 
 def register(subparsers) -> None:
     """Add the `epochs`, `strength` and `grid` subcommands to an argparse subparsers object."""
     specs = [
-        ("epochs", "rank saved epochs from checkpoints or sample images; table, JSON, CSV, HTML report", EPOCHS_DESCRIPTION),
-        ("strength", "rank LoRA strengths (scales) for one checkpoint or from strength_X.png images", STRENGTH_DESCRIPTION),
-        ("grid", "rank (epoch, strength) pairs: every checkpoint at every strength", GRID_DESCRIPTION),
+        ("epochs", "rank saved epochs (checkpoints or sample images) after training", EPOCHS_DESCRIPTION),
+        ("strength", "rank LoRA strengths (scales) for one checkpoint", STRENGTH_DESCRIPTION),
+        ("grid", "rank every checkpoint at every strength", GRID_DESCRIPTION),
     ]
     for kind, help_text, description in specs:
         parser = subparsers.add_parser(
@@ -98,24 +99,11 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
              "SD 1.x/2.x and SDXL (default: the family's: ddim for those, the model's own flow-matching scheduler for the others)",
     )
     render.add_argument("--batch-size", type=int, default=4, help="previews per pipeline call (default: 4)")
-    render.add_argument("--device", default=None, help="torch device: cpu, cuda[:N] or mps where this machine has it (default: cuda if available, else cpu)")
+    add_device_argument(render, None, "cuda if available, else cpu")
     render.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model precision (default: float32)")
 
     policy = parser.add_argument_group("scoring and policy (the in-training monitor's)")
-    add_preset_argument(policy)
-    policy.add_argument("--metric", default=None, help="the metric that picks the best (default: the preset's; brisque, lower is better)")
-    policy.add_argument(
-        "--metrics", default=None,
-        help="metrics to compute, comma-separated (or space-separated in quotes), taken as given (default: the preset's; brisque,ssim; ssim only with base images); "
-             "see 'signals' below",
-    )
-    policy.add_argument("--min-delta", type=float, default=0.0, help="a later candidate must be better by more than this (default: 0)")
-    policy.add_argument("--aggregate", default="mean", choices=["mean", "median", "min", "max"], help="over prompts (default: mean)")
-    policy.add_argument(
-        "--bound", action="append", default=[], metavar="METRIC=LO:HI",
-        help="eligible only if METRIC's aggregate is in [LO, HI]; empty side open (e.g. ssim=:0.95); a side 0.9x is 0.9 times the "
-             "base model's value (e.g. adherence=0.9x:)",
-    )
+    add_policy_arguments(policy, stopping=False)
 
     add_signal_arguments(parser)
 
@@ -136,16 +124,6 @@ def _family_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _bounds(items: list[str]) -> dict[str, tuple[float | None, float | None]]:
-    from lora_monitor.policy import parse_bound
-    from lora_monitor.posthoc import PosthocError
-
-    try:
-        return dict(parse_bound(item) for item in items)
-    except ValueError as error:
-        raise PosthocError(str(error)) from None
-
-
 def _spec(args: argparse.Namespace, seeds_per_prompt: int = 1):
     from lora_monitor.posthoc import PosthocError
     from lora_monitor.spec import PreviewSpec
@@ -158,37 +136,6 @@ def _spec(args: argparse.Namespace, seeds_per_prompt: int = 1):
     if args.prompt:
         return PreviewSpec.from_prompts(args.prompt, seed=args.seed, seeds_per_prompt=seeds_per_prompt, **defaults)
     return None
-
-
-def _policy_settings(args: argparse.Namespace):
-    """(preset or None, metrics, monitored metric, bounds) as the monitor resolves them: the preset (quality's
-    when none is named) fills in what is not given; explicit --metrics are taken as they are, the preset's gain
-    what --metric and --bound need."""
-    from lora_monitor.policy import get_preset
-    from lora_monitor.posthoc import PosthocError
-
-    preset = get_preset(args.preset or "quality")
-    explicit = _bounds(args.bound)
-    monitor = args.metric or preset.monitor
-    bounds = {**(preset.bounds if monitor == preset.monitor else {}), **explicit}
-    if args.metrics is None:
-        metrics = list(preset.metrics)
-        metrics += [name for name in (monitor, *bounds) if name not in metrics]
-    else:
-        metrics = split_names(args.metrics)
-        if monitor not in metrics:
-            chosen = "--metric" if args.metric else f"the monitored metric of the {preset.name} preset"
-            raise PosthocError(
-                f"{chosen} {monitor!r} is not among --metrics {','.join(metrics)} (explicit metrics are taken as given): "
-                f"add it to --metrics, or pick one of them with --metric"
-            )
-    if preset.name == "loss" or VALIDATION_METRIC in (monitor, *metrics, *bounds):
-        raise PosthocError(
-            f"{'--preset loss' if preset.name == 'loss' else VALIDATION_METRIC!r} needs the validation loss ({VALIDATION_METRIC}), which runs "
-            "the model on held-out images during training; the post-hoc commands score images and cannot compute it. Use the "
-            "in-training monitor for it (LoraMonitor(preset='loss', validation=...)), or --preset quality or likeness here"
-        )
-    return (get_preset(args.preset) if args.preset else None), metrics, monitor, bounds
 
 
 def _signal_options(args: argparse.Namespace, metrics: list[str], device: str | None):
@@ -213,10 +160,10 @@ def analyse_args(args: argparse.Namespace):
     progress = not args.no_progress
     strengths = posthoc.parse_strengths(args.strengths or "0:1.5:0.1") if kind in ("strength", "grid") else None
     if args.device is not None:
-        from lora_monitor.scoring.commands import check_device
-
         check_device(args.device)
-    preset, metrics, monitor, bounds = _policy_settings(args)
+    choice = resolve_policy(args, "posthoc")
+    metrics, monitor, bounds = choice.metrics, choice.metric, choice.all_bounds
+    preset = choice.preset if choice.named else None
     if args.seeds_per_prompt < 1:
         raise posthoc.PosthocError(f"--seeds-per-prompt must be 1 or more, got {args.seeds_per_prompt}")
     if args.seeds_per_prompt > 1 and not args.base:
@@ -231,8 +178,9 @@ def analyse_args(args: argparse.Namespace):
         )
     skipped: list[tuple[str, str]] = []
     notes: list[str] = []
-    if args.refs is not None and not any(name in TRAINING_REFERENCE_METRICS for name in metrics):
-        notes.append(f"--refs is unused: none of {', '.join(TRAINING_REFERENCE_METRICS)} is among the metrics")
+    unused = unused_refs_note(args, metrics)
+    if unused:
+        notes.append(unused)
     if getattr(args, "family", None) and not args.base:
         raise posthoc.PosthocError("--family chooses the family of the --base model; without --base nothing is rendered")
     if args.base:
@@ -337,15 +285,3 @@ def run(args: argparse.Namespace) -> int:
     if report is not None:
         print(f"report: {report}", file=messages)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one of the commands without the main CLI (tests, `python -m lora_monitor.posthoc_commands`)."""
-    parser = argparse.ArgumentParser(prog="lora-monitor")
-    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
