@@ -37,9 +37,18 @@ images are labelled side-by-side display images) and the diffusers scripts (no s
 not watched."""
 
 
+WATCH_EPILOG = """\
+examples:
+  lora-monitor watch out/ --patience 3 --interval 5       # kohya --output_dir out: follow it until its final file is written
+  lora-monitor watch out/ --once                          # score what is there now, list what is missing, exit
+  lora-monitor watch output/my_lora/ --once               # an ai-toolkit run: detected from its samples/ folder
+  lora-monitor watch output/my_lora/ --trainer ai-toolkit --metric ssim --base-samples base/ --once
+"""
+
+
 def register(subparsers) -> None:
     """Add the `watch` subcommand to an argparse subparsers object."""
-    watch = subparsers.add_parser("watch", help=WATCH_HELP, description=WATCH_DESCRIPTION,
+    watch = subparsers.add_parser("watch", help=WATCH_HELP, description=WATCH_DESCRIPTION, epilog=WATCH_EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     watch.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's --output_dir")
     watch.add_argument("--prompts", default=None, help="the run's --sample_prompts file (default: OUTPUT_DIR/sample/prompt.txt|.toml|.json, as the GUI writes it)")

@@ -123,15 +123,15 @@ examples:
   lora-monitor epochs old_run/ --min-delta 0.01            # epoch_01.png + control_01.png
   lora-monitor epochs output/ --base runwayml/stable-diffusion-v1-5 --prompts prompts.txt --report report/
   lora-monitor epochs imgs/ --pattern "run_ep{epoch}_p{prompt}.png" --references base/ --csv > scores.csv
-  lora-monitor epochs output/ --base MODEL --prompts prompts.txt --seeds-per-prompt 3 --preset likeness \
+  lora-monitor epochs output/ --base MODEL --prompts prompts.txt --seeds-per-prompt 3 --preset likeness \\
       --refs train_images/ --strip-words sks --report report/   # likeness, within 0.9x/0.8x of the base's adherence/diversity
-  lora-monitor epochs imgs/ --pattern "ep{epoch}_p{prompt}_s{seed}.png" --prompts prompts.txt --references base/ \
-      --refs train_images/ --preset likeness --json              # images: {seed} separates each prompt's seeds
+  lora-monitor epochs seeds/ --pattern "ep{epoch}_p{prompt}_s{seed}.png" --prompts prompts.txt \\
+      --references base_per_seed/ --refs train_images/ --preset likeness --json   # {seed} separates each prompt's seeds
 """,
     "strength": """\
 examples:
   lora-monitor strength sweep/                              # strength_0.5.png + control_base.png
-  lora-monitor strength output/name-000008.safetensors --base MODEL --prompts prompts.txt \\
+  lora-monitor strength output/mylora-000003.safetensors --base MODEL --prompts prompts.txt \\
       --strengths 0:1.5:0.1 --bound ssim=0:0.95 --report strength-report/
   lora-monitor strength flux-lora.safetensors --base black-forest-labs/FLUX.1-dev --prompts prompts.txt \\
       --dtype bfloat16 --strengths 0:1.2:0.2          # family detected: flux
