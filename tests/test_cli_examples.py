@@ -213,3 +213,14 @@ def check_outcome(command: str, words: list[str], out: str, folder: Path) -> Non
         assert "best" in out.lower(), line
     if command == "watch":
         assert (folder / words[2] / "scores.jsonl").is_file() and any((folder / words[2] / "best").iterdir()), line
+
+
+def test_top_help_lists_every_command_on_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    listing = out[out.index("COMMAND\n") + len("COMMAND\n"):out.index("\noptions:")].splitlines()
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert [row.split()[0] for row in listing] == list(subcommands), out  # one row each: no help text wraps
+    assert all(len(row.split()) > 2 for row in listing), out
