@@ -224,3 +224,21 @@ def test_top_help_lists_every_command_on_one_line(capsys, monkeypatch):
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert [row.split()[0] for row in listing] == list(subcommands), out  # one row each: no help text wraps
     assert all(len(row.split()) > 2 for row in listing), out
+
+
+def test_the_core_imports_neither_the_cli_nor_the_integrations():
+    """The library a training loop imports stands alone: importing every core module loads no command module and
+    no trainer integration."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import lora_monitor
+
+    core = [m.name for m in pkgutil.walk_packages(lora_monitor.__path__, "lora_monitor.")
+            if not m.name.startswith(("lora_monitor.cli", "lora_monitor.integrations"))]
+    assert "lora_monitor.monitor" in core and "lora_monitor.scoring.scorers" in core
+    code = (f"import importlib, sys\nfor name in {core!r}:\n    importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('lora_monitor.cli', 'lora_monitor.integrations'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

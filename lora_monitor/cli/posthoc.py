@@ -11,7 +11,7 @@ import warnings
 
 from lora_monitor.families import FAMILIES
 from lora_monitor.posthoc.candidates import MAX_STRENGTHS
-from lora_monitor.posthoc.help_text import (
+from lora_monitor.cli.posthoc_help import (
     COMMON_EPILOG,
     EPOCHS_DESCRIPTION,
     EXAMPLES,
