@@ -17,13 +17,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+import common
 from lora_monitor.scoring.brisque import brisque
 from lora_monitor.scoring.brisque_model import resolve_brisque_model
 
@@ -83,21 +83,16 @@ def make_images(count: int = COUNT, size: int = SIZE) -> torch.Tensor:
     return torch.stack(images)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ours(images: torch.Tensor, model, batch: int, dtype: torch.dtype, repeats: int) -> float:
     """Warm images per second of our BRISQUE at a batch size (on the images' device)."""
     brisque(images[:batch], model, dtype=dtype)  # warm-up: grids, allocator
-    synchronize(images.device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for part in images.split(batch):
-            brisque(part, model, dtype=dtype)
-    synchronize(images.device)
-    return repeats * images.shape[0] / (time.perf_counter() - start)
+
+    def passes() -> None:
+        for _ in range(repeats):
+            for part in images.split(batch):
+                brisque(part, model, dtype=dtype)
+
+    return repeats * images.shape[0] / common.timed(images.device, passes)[0]
 
 
 def time_reference(python: str, images: torch.Tensor, model, repeats: int) -> dict:

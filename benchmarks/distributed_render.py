@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import common
 
-ROOT = Path(__file__).resolve().parent.parent
+common.offline_environment()
+
 PROMPTS = ("a red circle", "a blue square", "a yellow circle on grey", "a green square", "a red square", "a blue circle", "a grey field", "a green circle")
 
 
@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     spec = PreviewSpec.from_prompts(prompts, seed=7, steps=args.steps, width=args.size, height=args.size)
     monitor = LoraMonitor.from_pipeline(
-        pipe, spec=spec, output_dir=Path(args.output_dir) / f"rank{accelerator.process_index}", metrics=("ssim",), monitor="ssim",
+        pipe, spec=spec, output_dir=Path(args.output_dir) / f"rank{accelerator.process_index}", metrics=("ssim",), metric="ssim",
         export=False, batch_size=args.batch_size,
     )
     monitor.attach(accelerator)
@@ -114,8 +114,8 @@ def run_setting(args: argparse.Namespace, model_dir: Path, work: Path, processes
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *worker_args]
+    # PYTHONPATH names the checkout (common.use_checkout in main)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"the {processes}-process setting failed:\n{done.stderr[-4000:]}")
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--output-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    common.use_checkout()
     if args.worker:
         worker(args)
         return

@@ -21,12 +21,13 @@ way's text-encoder reload cheaper than with the real 4.7B T5-XXL, so it flatters
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common
+
+common.use_checkout()
 
 # Flux depth: double-stream blocks, single-stream blocks, T5 encoder layers (FLUX.1-dev: 19, 38, 24).
 FLUX_DEPTH = {"double": 2, "single": 4, "t5_layers": 4}

@@ -24,16 +24,13 @@ facebook/dinov2-small (ViT-S/14 at 224 px), built offline; their cost is the rea
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import common
+
+common.offline_environment(TRANSFORMERS_VERBOSITY="error")
 
 import torch  # noqa: E402
 
@@ -81,19 +78,10 @@ def embedders(kind: str, folder: Path) -> tuple[str, str]:
     return real_size_embedders(folder)
 
 
-def timed(function, repeats: int) -> float:
+def timed(function, repeats: int, device: str) -> float:
     """Median seconds of `repeats` calls after one warm-up call."""
     function()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(common.timed(device, function)[0] for _ in range(repeats))
 
 
 def measure(family: str, size: str, args, folder: Path) -> dict[str, float]:
@@ -123,8 +111,8 @@ def measure(family: str, size: str, args, folder: Path) -> dict[str, float]:
     validation.prepare()
     renderer.encode(spec)
 
-    figures = {"render": timed(lambda: renderer.render(spec), args.repeats)}
-    figures["val_loss"] = timed(validation, args.repeats)
+    figures = {"render": timed(lambda: renderer.render(spec), args.repeats, args.device)}
+    figures["val_loss"] = timed(validation, args.repeats, args.device)
     images = renderer.render(spec)
     clip, dino = embedders(args.embedders, folder)
     options = SignalOptions(references=[torch.rand(3, resolution, resolution, generator=generator) for _ in range(8)],
@@ -134,10 +122,12 @@ def measure(family: str, size: str, args, folder: Path) -> dict[str, float]:
         scorer = get_scorer(name, options=options)
         getattr(scorer, "prepare", lambda: None)()
         if getattr(scorer, "whole_set", False):
-            figures[name] = timed(lambda: score_sets([scorer], images, groups), args.repeats)
+            figures[name] = timed(lambda: score_sets([scorer], images, groups), args.repeats, args.device)
         else:
             # a fresh copy per call: the embedding models remember the last batch they embedded
-            figures[name] = timed(lambda: score_images([scorer], [image.clone() for image in images], images, prompts=prompts), args.repeats)
+            figures[name] = timed(
+                lambda: score_images([scorer], [image.clone() for image in images], images, prompts=prompts), args.repeats, args.device
+            )
     return figures
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from lora_monitor.spec import PREVIEW_DEFAULTS
+
 #: An epoch sample: {output_name}_e{epoch:06d}_{prompt index:02d}_{YYYYmmddHHMMSS}_{seed}.png (seed optional).
 SAMPLE_NAME = re.compile(
     r"^(?:(?P<name>.+)_)?e(?P<epoch>\d{6})_(?P<prompt>\d{2,})_(?P<timestamp>\d{14})(?:_(?P<seed>\d+))?\.png$"
@@ -132,6 +134,11 @@ class KohyaTrainer:
     min_seed: int = 0
 
 
+#: What sample_image_inference (library/train_util.py for SD and SDXL, library/sd3_train_utils.py for SD3) uses for
+#: a prompt that does not set them: 30 steps at 512x512, which are lora_monitor.spec.PREVIEW_DEFAULTS (our defaults
+#: are kohya's, so a prompt file renders alike everywhere), and CFG 7.5, which PREVIEW_DEFAULTS leaves to the family.
+TRAIN_UTIL_SAMPLE_DEFAULTS: dict[str, Any] = {**PREVIEW_DEFAULTS, "guidance_scale": 7.5}
+
 #: The trainers the launcher knows, by --family name. All subclass train_network.NetworkTrainer,
 #: keep its training loop (so its checkpoint names) and override
 #: sample_images(self, accelerator, args, epoch, global_step, device, vae|ae, tokenizer(s), text_encoder, unet|mmdit|flux|lumina).
@@ -139,11 +146,11 @@ KOHYA_TRAINERS: dict[str, KohyaTrainer] = {
     trainer.family: trainer
     for trainer in (
         KohyaTrainer("sd", "train_network.py", "NetworkTrainer", "sd", "library/train_util.py sample_image_inference",
-                     dict(steps=30, guidance_scale=7.5, width=512, height=512), "v0.2.0"),
+                     dict(TRAIN_UTIL_SAMPLE_DEFAULTS), "v0.2.0"),
         KohyaTrainer("sdxl", "sdxl_train_network.py", "SdxlNetworkTrainer", "sdxl", "library/train_util.py sample_image_inference",
-                     dict(steps=30, guidance_scale=7.5, width=512, height=512), "v0.7.0"),
+                     dict(TRAIN_UTIL_SAMPLE_DEFAULTS), "v0.7.0"),
         KohyaTrainer("sd3", "sd3_train_network.py", "Sd3NetworkTrainer", "sd3", "library/sd3_train_utils.py sample_image_inference",
-                     dict(steps=30, guidance_scale=7.5, width=512, height=512), "v0.10.0"),
+                     dict(TRAIN_UTIL_SAMPLE_DEFAULTS), "v0.10.0"),
         # FLUX.1: --l is a true CFG scale (1.0: none), --g the distilled guidance (3.5 when not given)
         KohyaTrainer("flux", "flux_train_network.py", "FluxNetworkTrainer", "flux", "library/flux_train_utils.py sample_image_inference",
                      dict(steps=20, guidance_scale=1.0, width=512, height=512), "v0.10.0"),

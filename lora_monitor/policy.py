@@ -9,6 +9,10 @@ through `state_dict`/`load_state_dict` so a resumed run ends where an uninterrup
 
 Pure Python on purpose (no torch, no numpy): it is imported by launchers and post-hoc tools
 that never build a model.
+
+The policy's other parts live beside it and stay importable from here: bounds, their command-line
+form and the DVAR rule in lora_monitor/policy_rules.py, the presets in lora_monitor/policy_presets.py,
+saving and restoring the state in lora_monitor/policy_state.py.
 """
 from __future__ import annotations
 
@@ -19,17 +23,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["AGGREGATES", "PRESETS", "BestEpochPolicy", "Decision", "DvarRule", "EpochResult", "PolicyPreset", "get_preset"]
+from lora_monitor.policy_presets import PRESETS, PolicyPreset, get_preset
+from lora_monitor.policy_rules import VALIDATION_METRIC, DvarRule, check_bound_value, check_int, parse_bound, relative_factor
+from lora_monitor.policy_state import policy_state, restore_policy_state
 
-_STATE_VERSION = 1
+__all__ = [
+    "AGGREGATES", "PRESETS", "UNITS", "VALIDATION_METRIC", "BestEpochPolicy", "Decision", "DvarRule", "EpochResult", "PolicyPreset",
+    "get_preset", "parse_bound",
+]
 
 
 def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values)
 
-
-#: The deterministic validation loss's metric name: computed by the denoiser on held-out images, not from previews.
-VALIDATION_METRIC = "val_loss"
 
 #: What an evaluation key counts: epochs, or optimizer steps for loops that evaluate every N steps.
 UNITS = ("epoch", "step")
@@ -78,87 +84,6 @@ def _fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
-def _check_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _check_bound_value(metric: str, side: str, value: Any) -> float | str | None:
-    """A bound side: None (open), a finite number, or 'Fx' (F times the base model's value of the metric)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        factor = _relative_factor(value)
-        if factor is None:
-            raise ValueError(
-                f"bounds[{metric!r}] {side} bound {value!r}: a relative bound is a factor and 'x', e.g. '0.9x' (0.9 times the base model's value)"
-            )
-        return f"{factor:g}x"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"bounds[{metric!r}] {side} bound must be a finite number, 'Fx' (relative to the base) or None, got {value!r}")
-    return float(value)
-
-
-def _relative_factor(text: str) -> float | None:
-    """'0.9x' -> 0.9; anything else -> None."""
-    if not text.endswith("x"):
-        return None
-    try:
-        factor = float(text[:-1])
-    except ValueError:
-        return None
-    return factor if math.isfinite(factor) and factor >= 0 else None
-
-
-@dataclass(frozen=True)
-class DvarRule:
-    """DVAR early stopping (Voronov et al., "Is This Loss Informative? Faster Text-to-Image Customization by
-    Tracking Objective Dynamics", NeurIPS 2023): stop once the variance of a deterministic loss over the last
-    `window` evaluations falls below `threshold` times its variance over every evaluation so far, i.e. the
-    loss has stopped moving. Checked from the (window + 1)-th evaluation on; a non-finite value in the
-    window, or a loss that never moved, does not stop."""
-
-    metric: str = VALIDATION_METRIC
-    window: int = 5
-    threshold: float = 0.15
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError(f"DvarRule.metric must be a metric name, got {self.metric!r}")
-        if _check_int("DvarRule.window", self.window) < 2:
-            raise ValueError(f"DvarRule.window must be an integer >= 2, got {self.window}")
-        threshold = self.threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold < 1:
-            raise ValueError(f"DvarRule.threshold must be a number between 0 and 1, got {threshold!r}")
-
-    def ratio(self, values: Sequence[float]) -> float | None:
-        """Variance of the last `window` values over the variance of all; None when not yet defined."""
-        if len(values) <= self.window or not all(math.isfinite(value) for value in values[-self.window:]):
-            return None
-        finite = [value for value in values if math.isfinite(value)]
-        overall = statistics.pvariance(finite)
-        return statistics.pvariance(values[-self.window:]) / overall if overall > 0 else None
-
-    def describe(self) -> dict[str, Any]:
-        return {"metric": self.metric, "window": self.window, "threshold": self.threshold}
-
-
-def _encode_float(value: float | None) -> float | str | None:
-    """JSON has no inf/NaN: encode them as the strings 'inf', '-inf', 'nan'."""
-    if value is None or math.isfinite(value):
-        return value
-    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-
-
-def _decode_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value not in ("inf", "-inf", "nan"):
-            raise ValueError(f"policy state holds {value!r} where a number was expected")
-        return float(value)
-    return float(value)
 
 
 class BestEpochPolicy:
@@ -226,7 +151,7 @@ class BestEpochPolicy:
                 f"so give the size of the smallest improvement that counts"
             )
         if patience is not None:
-            patience = _check_int("patience", patience)
+            patience = check_int("patience", patience)
             if patience < 1:
                 raise ValueError(f"patience must be an integer >= 1 or None (never stop), got {patience}")
         if aggregate not in AGGREGATES:
@@ -237,8 +162,8 @@ class BestEpochPolicy:
                 raise ValueError(f"bounds keys must be metric names, got {name!r}")
             if isinstance(bound, (str, bytes)) or not isinstance(bound, Sequence) or len(bound) != 2:
                 raise ValueError(f"bounds[{name!r}] must be a pair (lo, hi), None for an open side; got {bound!r}")
-            lo = _check_bound_value(name, "lower", bound[0])
-            hi = _check_bound_value(name, "upper", bound[1])
+            lo = check_bound_value(name, "lower", bound[0])
+            hi = check_bound_value(name, "upper", bound[1])
             if isinstance(lo, float) and isinstance(hi, float) and lo > hi:
                 raise ValueError(f"bounds[{name!r}]: lower bound {lo} is above upper bound {hi}")
             checked_bounds[name] = (lo, hi)
@@ -285,7 +210,7 @@ class BestEpochPolicy:
         # f x base for a positive base; for a negative one (a cosine can be) the same distance from it, so that
         # 0.9x still means "at most 10% worse than the base" rather than "10% better"
         base = self.base[metric]
-        limit = base + (_relative_factor(side) - 1) * abs(base)
+        limit = base + (relative_factor(side) - 1) * abs(base)
         return limit, f"{side} base ({_fmt(base)}) = {_fmt(limit)}"
 
     @property
@@ -312,9 +237,9 @@ class BestEpochPolicy:
         prompt). Epochs must increase from call to call: a repeated or earlier epoch means a
         resumed run replays epochs the policy has already seen.
         """
-        epoch = _check_int("epoch", epoch)
+        epoch = check_int("epoch", epoch)
         if step is not None:
-            step = _check_int("step", step)
+            step = check_int("step", step)
         if self.history and epoch <= self.history[-1].epoch:
             raise ValueError(
                 f"{self.unit} {epoch} is not after the last evaluated {self.unit} {self.history[-1].epoch}: {self.unit}s must "
@@ -436,7 +361,7 @@ class BestEpochPolicy:
         `best_epoch` by less than min_delta.
         """
         if k is not None:
-            k = _check_int("k", k)
+            k = check_int("k", k)
             if k < 0:
                 raise ValueError(f"k must be >= 0 or None (all), got {k}")
         sign = -1.0 if self.higher_is_better else 1.0
@@ -458,29 +383,8 @@ class BestEpochPolicy:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume; JSON-serialisable (inf/NaN as strings) and picklable."""
-        return {
-            "version": _STATE_VERSION,
-            "settings": self.describe(),
-            "best_epoch": self.best_epoch,
-            "best_value": _encode_float(self.best_value),
-            "best_step": self.best_step,
-            "wait_count": self.wait_count,
-            "stopped_epoch": self.stopped_epoch,
-            "stop_reason": self.stop_reason,
-            "base": None if self.base is None else {name: _encode_float(value) for name, value in self.base.items()},
-            "history": [
-                {
-                    "epoch": result.epoch,
-                    "step": result.step,
-                    "value": _encode_float(result.value),
-                    "aggregates": {name: _encode_float(value) for name, value in result.aggregates.items()},
-                    "eligible": result.eligible,
-                    "note": result.note,
-                }
-                for result in self.history
-            ],
-        }
+        """Everything needed to resume; JSON-serialisable (inf/NaN as strings) and picklable (lora_monitor.policy_state)."""
+        return policy_state(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state_dict()` output (also after a JSON round trip).
@@ -488,51 +392,11 @@ class BestEpochPolicy:
         The saved settings must equal this policy's: resuming with another metric, patience or
         bound would silently change what "best" means. The error lists each difference.
         """
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
-            found = state.get("version") if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"not a BestEpochPolicy state of version {_STATE_VERSION} (found {found!r})")
-        saved = {"unit": "epoch", "dvar": None, **state["settings"]}  # older states: epoch-based, no DVAR
-        current = self.describe()
-        differences = [
-            f"{key}: saved {saved.get(key)!r}, now {current[key]!r}"
-            for key in current
-            if _normalise(saved.get(key)) != _normalise(current[key])
-        ]
-        if differences:
-            raise ValueError("the saved policy state has different settings: " + "; ".join(differences))
-        history = [
-            EpochResult(
-                epoch=int(entry["epoch"]),
-                step=entry["step"],
-                value=_decode_float(entry["value"]),
-                aggregates={name: _decode_float(value) for name, value in entry["aggregates"].items()},
-                eligible=bool(entry["eligible"]),
-                note=str(entry["note"]),
-            )
-            for entry in state["history"]
-        ]
-        self.history = history
-        self.best_epoch = state["best_epoch"]
-        self.best_value = _decode_float(state["best_value"])
-        self.best_step = state["best_step"]
-        self.wait_count = int(state["wait_count"])
-        self.stopped_epoch = state["stopped_epoch"]
-        self.stop_reason = state["stop_reason"]
-        base = state.get("base")
-        self.base = None if base is None else {name: _decode_float(value) for name, value in base.items()}
+        restore_policy_state(self, state)
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{key}={value!r}" for key, value in self.describe().items())
         return f"BestEpochPolicy({settings}, best_epoch={self.best_epoch!r}, wait_count={self.wait_count})"
-
-
-def _normalise(value: Any) -> Any:
-    """Tuples and lists compare equal (JSON turns one into the other); ints equal floats."""
-    if isinstance(value, Mapping):
-        return {key: _normalise(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_normalise(item) for item in value]
-    return value
 
 
 def _as_values(name: str, values: Any, epoch: int) -> list[float]:
@@ -549,79 +413,3 @@ def _as_values(name: str, values: Any, epoch: int) -> list[float]:
         raise ValueError(f"scores[{name!r}] at epoch {epoch} is empty; expected one value per preview prompt")
     return result
 
-
-def parse_bound(text: str) -> tuple[str, tuple[float | None, float | None]]:
-    """A command-line bound: 'ssim=0.3:0.95' -> ('ssim', (0.3, 0.95)); an empty side is open ('ssim=0.3:').
-
-    '=' separates the metric because metric names may hold ':' (pyiqa:niqe).
-    """
-    metric, sep, limits = text.partition("=")
-    low, colon, high = limits.partition(":")
-    if not (metric and sep and colon):
-        raise ValueError(
-            f"--bound {text!r}: expected METRIC=LO:HI with either side empty for open, e.g. ssim=0.3: or ssim=0.3:0.95, "
-            "or relative to the base model, e.g. adherence=0.9x:"
-        )
-
-    def side(value: str) -> float | str | None:
-        if not value:
-            return None
-        if _relative_factor(value) is not None:
-            return value
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"--bound {text!r}: LO and HI must be numbers, factors of the base value such as 0.9x, or empty") from None
-
-    return metric, (side(low), side(high))
-
-
-@dataclass(frozen=True)
-class PolicyPreset:
-    """A named choice of metrics, monitored metric, bounds and stop rule, with the rule in words."""
-
-    name: str
-    metrics: tuple[str, ...]
-    monitor: str
-    rule: str
-    bounds: Mapping[str, tuple[float | str | None, float | str | None]] = field(default_factory=dict)
-    dvar: DvarRule | None = None
-    needs: str = ""
-
-
-PRESETS: dict[str, PolicyPreset] = {
-    preset.name: preset
-    for preset in (
-        PolicyPreset(
-            "quality",
-            ("brisque", "ssim"),
-            "brisque",
-            "best = lowest mean BRISQUE over the previews (earliest epoch on ties).",
-        ),
-        PolicyPreset(
-            "likeness",
-            ("likeness", "adherence", "diversity", "memorization", "brisque", "ssim"),
-            "likeness",
-            "best = highest mean likeness (DINOv2 similarity of each preview to its nearest reference images), "
-            "among epochs whose adherence (CLIP-T) is at least 0.9x the base model's and whose diversity across seeds "
-            "is at least 0.8x the base model's, so that neither the prompt nor the variety is traded for the subject.",
-            bounds={"adherence": ("0.9x", None), "diversity": ("0.8x", None)},
-            needs="reference images (references=) and several seeds per prompt (seeds_per_prompt >= 2)",
-        ),
-        PolicyPreset(
-            "loss",
-            ("val_loss", "brisque", "ssim"),
-            "val_loss",
-            "best = lowest deterministic validation loss; stop when it has stopped moving (DVAR: the variance of the "
-            "last 5 evaluations below 0.15 of the variance of all; Voronov et al., NeurIPS 2023).",
-            dvar=DvarRule(),
-            needs="validation images (validation=)",
-        ),
-    )
-}
-
-
-def get_preset(name: str) -> PolicyPreset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown policy preset {name!r}; available: {', '.join(PRESETS)}")
-    return PRESETS[name]

@@ -88,8 +88,8 @@ def test_evaluate_shard_in_one_process_is_evaluate(tmp_path):
     spec = spec_of([16] * 3)
     generator = torch.Generator().manual_seed(0)
     epochs = {epoch: [torch.rand(3, 16, 16, generator=generator) for _ in range(3)] for epoch in (1, 2)}
-    whole = LoraMonitor(spec=spec, output_dir=tmp_path / "whole", metrics=None, scorers=[Brightness()], monitor="brightness", export=False)
-    shards = LoraMonitor(spec=spec, output_dir=tmp_path / "shards", metrics=None, scorers=[Brightness()], monitor="brightness", export=False)
+    whole = LoraMonitor(spec=spec, output_dir=tmp_path / "whole", metrics=None, scorers=[Brightness()], metric="brightness", export=False)
+    shards = LoraMonitor(spec=spec, output_dir=tmp_path / "shards", metrics=None, scorers=[Brightness()], metric="brightness", export=False)
     for epoch, images in epochs.items():
         expected = whole.evaluate(epoch, images, step=epoch)
         got = shards.evaluate_shard(epoch, [2, 0, 1], [images[2], images[0], images[1]], step=epoch)

@@ -231,7 +231,7 @@ def monitor_on(output_dir):
 
     spec = PreviewSpec.from_prompts(["a", "b"], width=16, height=16)
     monitor = LoraMonitor(
-        spec=spec, output_dir=output_dir, metrics=None, scorers=[Brightness()], monitor="brightness", top_k=2, write_weights=writer(b"w")
+        spec=spec, output_dir=output_dir, metrics=None, scorers=[Brightness()], metric="brightness", top_k=2, write_weights=writer(b"w")
     )
     return monitor, [torch.full((3, 16, 16), 0.5)] * 2
 

@@ -68,7 +68,7 @@ def spec_for(family: str, **overrides) -> PreviewSpec:
 
 
 def monitor_for(pipe, family, output_dir, spec=None, **kwargs) -> LoraMonitor:
-    options = dict(metrics=("ssim",), monitor="ssim", spec=spec or spec_for(family), output_dir=output_dir)
+    options = dict(metrics=("ssim",), metric="ssim", spec=spec or spec_for(family), output_dir=output_dir)
     options.update(kwargs)
     return LoraMonitor(pipeline=pipe, **options)
 
@@ -199,7 +199,7 @@ def test_the_monitor_works_after_the_loop_deleted_its_text_encoders(family, save
     pipe = load(saved_models, family)
     entry = get_family(family)
     components = {name: getattr(pipe, name) for name in entry.components}
-    monitor = LoraMonitor.from_modules(family, metrics=("ssim",), monitor="ssim", spec=spec_for(family), output_dir=tmp_path, **components)
+    monitor = LoraMonitor.from_modules(family, metrics=("ssim",), metric="ssim", spec=spec_for(family), output_dir=tmp_path, **components)
     encoders = [weakref.ref(components[name]) for name in entry.encoder_names if components.get(name) is not None]
     # what diffusers' Flux/SD3 DreamBooth scripts do after pre-computing their embeddings
     for name in entry.encoder_names:
@@ -224,7 +224,7 @@ def test_a_step_based_run_picks_exports_and_resumes_by_step(saved_models, tmp_pa
             return torch.full((images.shape[0],), next(scripted))
 
     def build(output_dir, pipe):
-        return monitor_for(pipe, family, output_dir, metrics=None, scorers=[Scripted()], monitor="score", every_n_steps=10, patience=2)
+        return monitor_for(pipe, family, output_dir, metrics=None, scorers=[Scripted()], metric="score", every_n_steps=10, patience=2)
 
     pipe = load(saved_models, family)
     monitor = build(tmp_path, pipe)
@@ -258,7 +258,7 @@ def test_a_step_based_run_picks_exports_and_resumes_by_step(saved_models, tmp_pa
 def test_an_unknown_family_lists_the_supported_ones_and_suggests(saved_models, tmp_path):
     pipe = load(saved_models, "sd")
     with pytest.raises(ValueError, match=r"unknown model family 'flx'.*supported families: sd, sdxl, sd3, flux.*Did you mean 'flux'"):
-        LoraMonitor.from_modules("flx", unet=pipe.unet, spec=spec_for("sd"), output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+        LoraMonitor.from_modules("flx", unet=pipe.unet, spec=spec_for("sd"), output_dir=tmp_path, metrics=("ssim",), metric="ssim")
 
 
 @pytest.mark.parametrize("family", [p for p in PARAMS if p.values[0] != "sd"])
@@ -269,12 +269,12 @@ def test_a_half_given_family_names_what_is_missing(family, saved_models, tmp_pat
     dropped = entry.text_encoders[-1][1] if family != "sd3" else "vae"  # a tokenizer (SD3's T5 is optional: drop the VAE)
     components[dropped] = None
     with pytest.raises(ValueError, match=rf"the '{family}' family \({entry.pipeline}\) renders with .*missing: {dropped}"):
-        LoraMonitor.from_modules(family, spec=spec_for(family), output_dir=tmp_path, metrics=("ssim",), monitor="ssim", **components)
+        LoraMonitor.from_modules(family, spec=spec_for(family), output_dir=tmp_path, metrics=("ssim",), metric="ssim", **components)
 
 
 def test_modules_of_another_family_or_a_wrong_sampler_are_refused(saved_models, tmp_path):
     sd = load(saved_models, "sd")
-    options = dict(spec=spec_for("sd"), output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    options = dict(spec=spec_for("sd"), output_dir=tmp_path, metrics=("ssim",), metric="ssim")
     with pytest.raises(ValueError, match=r"family='flux' expects a FluxTransformer2DModel as transformer, got UNet2DConditionModel"):
         LoraMonitor.from_modules("flux", transformer=sd.unet, vae=sd.vae, scheduler=sd.scheduler, text_encoder=sd.text_encoder,
                                  tokenizer=sd.tokenizer, text_encoder_2=sd.text_encoder, tokenizer_2=sd.tokenizer, **options)
@@ -289,15 +289,25 @@ def test_modules_of_another_family_or_a_wrong_sampler_are_refused(saved_models, 
         flux = load(saved_models, "flux")
         with pytest.raises(ValueError, match=r"sampler='ddim' is a noise-prediction sampler, but the 'flux' family is trained with flow matching"):
             LoraMonitor(pipeline=flux, sampler="ddim", **dict(options, spec=spec_for("flux")))
-        monitor = LoraMonitor(pipeline=flux, **dict(options, spec=spec_for("flux")))
-        monitor.renderer.pipeline.vae_scale_factor = 8  # a real Flux VAE downsamples 8x (the tiny one 2x); 2x2 patches make it 16
-        with pytest.raises(ValueError, match=r"preview 0 \('a red circle'\) is 520x512; a 'flux' model needs width and height divisible by 16"):
-            monitor.renderer.check_spec(spec_for("flux", width=520, height=512))
     if "sdxl" in AVAILABLE:
         sdxl = load(saved_models, "sdxl")
         with pytest.raises(ValueError, match=r"it is an 'sdxl' UNet, not 'sd'; pass family='sdxl'"):
             LoraMonitor(family="sd", unet=sdxl.unet, vae=sdxl.vae, scheduler=sdxl.scheduler, text_encoder=sdxl.text_encoder,
                         tokenizer=sdxl.tokenizer, **options)
+
+
+@pytest.mark.skipif("flux" not in AVAILABLE, reason="the installed diffusers has no FluxPipeline")
+def test_a_flux_size_that_does_not_fit_the_latent_grid_is_refused_when_the_monitor_is_built(saved_models, tmp_path, monkeypatch):
+    from diffusers.configuration_utils import FrozenDict
+
+    flux = load(saved_models, "flux")
+    # a real Flux VAE downsamples 8x (2 ** (4 blocks - 1)), the tiny one 2x: its config given 4 blocks, the pipeline the
+    # monitor builds over it downsamples 8x, and its 2x2 patches make a preview divide by 16
+    monkeypatch.setattr(flux.vae, "_internal_dict", FrozenDict({**flux.vae.config, "block_out_channels": [32] * 4}))
+    options = dict(output_dir=tmp_path, metrics=("ssim",), metric="ssim")
+    with pytest.raises(ValueError, match=r"preview 0 \('a red circle'\) is 520x512; a 'flux' model needs width and height divisible by 16"):
+        LoraMonitor(pipeline=flux, spec=spec_for("flux", width=520, height=512), **options)
+    assert LoraMonitor(pipeline=flux, spec=spec_for("flux", width=512, height=512), **options).renderer.vae_scale_factor == 16
 
 
 def test_a_family_newer_than_the_installed_diffusers_names_the_version(monkeypatch, saved_models, tmp_path):
@@ -307,7 +317,7 @@ def test_a_family_newer_than_the_installed_diffusers_names_the_version(monkeypat
     monkeypatch.setattr(diffusers, "__version__", "0.28.0")
     with pytest.raises(ValueError, match=r"the 'flux' family needs diffusers >= 0\.30\.0 \(FluxPipeline\); this environment has diffusers 0\.28\.0"):
         get_family("flux").pipeline_class()
-    LoraMonitor(pipeline=pipe, spec=spec_for("sd"), output_dir=tmp_path, metrics=("ssim",), monitor="ssim")  # SD still builds
+    LoraMonitor(pipeline=pipe, spec=spec_for("sd"), output_dir=tmp_path, metrics=("ssim",), metric="ssim")  # SD still builds
 
 
 # ----------------------------------------------------------------- guidance, memory
@@ -382,7 +392,7 @@ def test_a_float16_vae_that_asks_for_upcasting_decodes_in_float32_one_image_at_a
 def test_base_renders_that_overflow_in_the_vae_say_it_is_the_vae(pipeline, small_spec, tmp_path):
     """A decoder whose first layer overflows (scaled by 1e38, as fp16 overflows past 65504) turns finite latents
     into inf/NaN pixels: the warning names the VAE and the fix, not 'training diverged'."""
-    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), metric="ssim")
     with torch.no_grad():
         pipeline.vae.decoder.conv_in.weight.mul_(1e38)
     with pytest.warns(RuntimeWarning, match=r"base preview\(s\) \[0, 1\] are not finite: the VAE decode in float32 turned finite latents into NaN/inf"):
@@ -401,7 +411,7 @@ def test_a_scorer_that_seeds_and_draws_leaves_the_random_states_as_they_were(pip
             torch.manual_seed(123), np.random.seed(123), random.seed(123)
             return torch.rand(images.shape[0]) + float(np.random.rand()) + random.random()
 
-    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=None, scorers=[Seeding()], monitor="seeding")
+    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=None, scorers=[Seeding()], metric="seeding")
     torch.manual_seed(7), np.random.seed(7), random.seed(7)
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(7), np.random.seed(7), random.seed(7)
@@ -414,7 +424,7 @@ def test_a_preview_that_never_fits_skips_that_evaluation_and_training_goes_on(pi
     """Simulated as above: every pipeline call raises torch's OOM error, as a GPU too full for even one preview would."""
     from lora_monitor.render import OUT_OF_MEMORY
 
-    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), metric="ssim")
     monitor.base_references()
 
     def full(self, *args, **kwargs):

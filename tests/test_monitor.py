@@ -16,7 +16,7 @@ from lora_monitor.scoring import get_scorer
 
 
 def make_monitor(pipe, spec, output_dir, **kwargs) -> LoraMonitor:
-    options = dict(metrics=("ssim",), monitor="ssim", spec=spec, output_dir=output_dir)
+    options = dict(metrics=("ssim",), metric="ssim", spec=spec, output_dir=output_dir)
     options.update(kwargs)
     return LoraMonitor.from_pipeline(pipe, **options)
 
@@ -70,7 +70,7 @@ def test_record_holds_every_epoch_and_png_scores_equal_logged_scores(pipeline, s
 
 
 def test_best_follows_the_scorers_polarity_and_sidecar_tracks_it(pipeline, small_spec, tmp_path):
-    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], monitor="brightness")
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], metric="brightness")
     assert monitor.policy.mode == "min"
     values = []
     for epoch in (1, 2, 3):
@@ -82,7 +82,7 @@ def test_best_follows_the_scorers_polarity_and_sidecar_tracks_it(pipeline, small
 
 
 def test_top_k_keeps_the_k_best_epochs(pipeline, small_spec, tmp_path):
-    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], monitor="brightness", top_k=2)
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], metric="brightness", top_k=2)
     values = {}
     for epoch in (1, 2, 3, 4):
         nudge_lora(pipeline.unet, seed=epoch, scale=0.5)
@@ -111,7 +111,7 @@ def test_base_references_are_cached_in_the_output_dir(pipeline, small_spec, tmp_
 def test_a_failed_export_leaves_the_previous_best_loadable(pipeline, tiny_model, small_spec, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], monitor="brightness")
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], metric="brightness")
     nudge_lora(pipeline.unet, seed=1)
     monitor.on_epoch_end(1)
     before = (tmp_path / "best" / "pytorch_lora_weights.safetensors").read_bytes()
@@ -143,7 +143,7 @@ def test_recover_finishes_an_interrupted_swap(tmp_path):
 
 
 def test_nan_previews_score_worst_and_never_become_best(pipeline, small_spec, tmp_path):
-    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], monitor="brightness")
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], metric="brightness")
     with torch.no_grad():
         for name, parameter in pipeline.unet.named_parameters():
             if "lora_B" in name:
@@ -200,30 +200,68 @@ def prompt_file(tmp_path, text: str):
         (lambda p: {"mode": "min"}, ValueError, r"contradicts.*ssim.*higher is better"),
         (lambda p: {"patience": 0}, ValueError, r"patience must be"),
         (lambda p: {"min_delta": -0.1}, ValueError, r"min_delta must be >= 0"),
-        (lambda p: {"monitor": "brisque"}, ValueError, r"monitor='brisque' is not among the metrics"),
+        (lambda p: {"metric": "brisque"}, ValueError, r"metric='brisque' is not among the metrics"),
         (lambda p: {"metrics": ("ssim", "ssimm")}, ValueError, r"unknown metric 'ssimm'.*Did you mean 'ssim'"),
         (lambda p: {"bounds": {"lpips": (0, 1)}}, ValueError, r"bounds name the metric 'lpips'"),
         (lambda p: {"every_n_epochs": 0}, ValueError, r"every_n_epochs"),
     ],
     ids=["unknown-option", "malformed-value", "size-not-multiple-of-8", "missing-file", "mode-vs-polarity",
-         "patience-0", "negative-min-delta", "monitor-not-a-metric", "unknown-metric", "bound-not-a-metric", "every-0"],
+         "patience-0", "negative-min-delta", "metric-not-a-metric", "unknown-metric", "bound-not-a-metric", "every-0"],
 )
 def test_bad_settings_fail_when_the_monitor_is_built(pipeline, small_spec, tmp_path, make_options, error, pattern):
+    """Refused before the monitor touches its output folder: one an earlier run's crash left mid-export (best/ moved to
+    best.previous/) stays as it was, where a monitor that got built puts best/ back (test_export.py checks that part)."""
     options = make_options(tmp_path)
+    out = tmp_path / "out"
+    (out / "best.previous").mkdir(parents=True)
+    (out / "best.previous" / "lora_monitor.json").write_text('{"epoch": 1}', encoding="utf-8")
+    before = sorted(path.relative_to(out).as_posix() for path in out.rglob("*"))
     with pytest.raises(error, match=pattern):
-        make_monitor(pipeline, options.pop("spec", small_spec), tmp_path / "out", **options)
-    assert not (tmp_path / "out").exists()
+        make_monitor(pipeline, options.pop("spec", small_spec), out, **options)
+    assert sorted(path.relative_to(out).as_posix() for path in out.rglob("*")) == before
 
 
-def test_size_that_does_not_fit_the_vae_is_refused(pipeline, tmp_path):
+def test_size_that_does_not_fit_the_vae_is_refused_when_the_monitor_is_built(pipeline, tmp_path, monkeypatch):
+    from diffusers.configuration_utils import FrozenDict
+
     from lora_monitor.spec import PreviewSpec
 
-    # the tiny VAE has a scale factor of 2, so any multiple of 8 fits; emulate SD's factor 8 with a bigger spec check
-    spec = PreviewSpec.from_prompts(["a"], steps=2, width=64, height=64)
-    monitor = make_monitor(pipeline, spec, tmp_path)
-    monitor.renderer.pipeline.vae_scale_factor = 16
-    with pytest.raises(ValueError, match="divisible by 16"):
-        monitor.renderer.check_spec(PreviewSpec.from_prompts(["a"], steps=2, width=72, height=64))
+    # the tiny VAE downsamples 2x, which every multiple of 8 fits: its config given 5 blocks, the pipeline the monitor
+    # builds over it downsamples 16x (2 ** (blocks - 1)), and 72 px does not divide
+    monkeypatch.setattr(pipeline.vae, "_internal_dict", FrozenDict({**pipeline.vae.config, "block_out_channels": [32] * 5}))
+    with pytest.raises(ValueError, match=r"preview 0 \('a'\) is 72x64; a 'sd' model needs width and height divisible by 16"):
+        make_monitor(pipeline, PreviewSpec.from_prompts(["a"], steps=2, width=72, height=64), tmp_path / "refused")
+    assert make_monitor(pipeline, PreviewSpec.from_prompts(["a"], steps=2, width=64, height=64), tmp_path).renderer.vae_scale_factor == 16
+
+
+def test_metric_names_the_monitored_metric_and_monitor_is_its_deprecated_alias(pipeline, small_spec, tmp_path):
+    assert make_monitor(pipeline, small_spec, tmp_path, metrics=("ssim", "brisque"), metric="brisque").policy.metric == "brisque"
+    options = dict(metrics=("ssim", "brisque"), spec=small_spec, output_dir=tmp_path)
+    with pytest.warns(DeprecationWarning, match=r"LoraMonitor\(monitor=\.\.\.\) is deprecated: name the monitored metric with metric="):
+        assert LoraMonitor.from_pipeline(pipeline, monitor="brisque", **options).policy.metric == "brisque"
+    with pytest.raises(ValueError, match=r"got metric='ssim' and monitor='brisque': monitor= is the deprecated old name of metric="):
+        LoraMonitor.from_pipeline(pipeline, metric="ssim", monitor="brisque", **options)
+
+
+def test_a_prompt_file_gives_the_same_steps_cfg_and_size_in_the_loop_and_in_the_kohya_launcher_and_watcher(pipeline, tmp_path):
+    """A prompt file is kohya's format: what a prompt leaves out comes from kohya's sampler (sample_image_inference in
+    sd-scripts' library/train_util.py: 30 steps, CFG 7.5, 512x512) wherever the file is loaded. The loop's spec leaves
+    the CFG to the model family, whose renderer uses kohya's 7.5 for SD."""
+    from lora_monitor.integrations import kohya
+    from lora_monitor.spec import PreviewSpec
+
+    path = prompt_file(tmp_path, "a red circle\na blue square --s 4 --l 5 --w 64 --h 96\n")
+    kohya_defaults = [(30, 7.5, 512, 512), (4, 5.0, 64, 96)]
+    monitor = make_monitor(pipeline, path, tmp_path / "monitor")
+
+    def settings(spec, cfg=lambda prompt: prompt.guidance_scale):
+        return [(prompt.steps, cfg(prompt), prompt.width, prompt.height) for prompt in spec.prompts]
+
+    assert settings(PreviewSpec.load(path), monitor.renderer.cfg_scale) == kohya_defaults
+    assert settings(monitor.spec, monitor.renderer.cfg_scale) == kohya_defaults
+    _, launched, _ = kohya.fixed_seed_prompts(path, tmp_path / "kohya", defaults=kohya.prompt_defaults("sd"))
+    assert settings(launched) == kohya_defaults  # the launcher's spec of the file kohya renders
+    assert settings(PreviewSpec.load(path, **kohya.KOHYA_PROMPT_DEFAULTS)) == kohya_defaults  # the watcher's
 
 
 def test_prompt_file_spec_loads_through_the_monitor(pipeline, tmp_path):
@@ -288,7 +326,7 @@ def test_a_failed_export_leaves_policy_best_and_record_in_agreement(pipeline, sm
 
     from lora_monitor.monitor import RecordWriteError
 
-    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], monitor="brightness")
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], metric="brightness")
     scripted = iter([0.5, 0.2, 0.2])  # epoch 2 would be the new best
     monkeypatch.setattr(Lowest, "__call__", lambda self, images, reference=None: torch.full((images.shape[0],), next(scripted)))
     assert monitor.on_epoch_end(1).is_best

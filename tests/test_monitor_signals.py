@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 
+import test_wandb
 from conftest import nudge_lora
-from test_wandb import OfflineRun, close_wandb, wandb_env  # noqa: F401 (wandb_env is a fixture)
+from test_wandb import OfflineRun, close_wandb
 from lora_monitor.monitor import LoraMonitor
 from lora_monitor.record import read_scores
 from lora_monitor.spec import PreviewSpec
+
+wandb_env = test_wandb.wandb_env  # the fixture, for the W&B test below
 
 SIGNALS = ("likeness", "adherence", "diversity", "memorization")
 
@@ -65,7 +68,7 @@ def test_likeness_preset_scores_every_signal_and_bounds_against_the_base(pipelin
 
 def test_a_relative_bound_no_epoch_can_meet_is_explained_with_its_value(pipeline, spec, references, tiny_embedders, tmp_path):
     monitor = likeness_monitor(
-        pipeline, spec, references, tiny_embedders, tmp_path, preset="quality", monitor="likeness", metrics=("likeness", "diversity"),
+        pipeline, spec, references, tiny_embedders, tmp_path, preset="quality", metric="likeness", metrics=("likeness", "diversity"),
         bounds={"diversity": ("100x", None)},  # diversity (1 - cosine) is positive: 100x the base cannot be met
     )
     nudge_lora(pipeline.unet, seed=2)

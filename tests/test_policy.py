@@ -435,8 +435,10 @@ def test_dvar_metric_must_be_scored():
 
 def test_presets_name_their_metrics_and_rules():
     for name, preset in PRESETS.items():
-        assert preset.monitor in preset.metrics and all(metric in preset.metrics for metric in preset.bounds)
+        assert preset.metric in preset.metrics and all(metric in preset.metrics for metric in preset.bounds)
         assert get_preset(name) is preset and preset.rule.startswith("best = ")
     assert PRESETS["likeness"].bounds == {"adherence": ("0.9x", None), "diversity": ("0.8x", None)}
     with pytest.raises(ValueError, match=r"unknown policy preset 'likenes'; available: quality, likeness, loss"):
         get_preset("likenes")
+    with pytest.warns(DeprecationWarning, match=r"PolicyPreset\.monitor is deprecated; use PolicyPreset\.metric"):
+        assert PRESETS["loss"].monitor == "val_loss"

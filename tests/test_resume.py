@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory):
 # The bound makes the choice non-trivial ("best" is the epoch closest to the base that moved far enough from it): on the
 # tiny model the run picks epoch 3 and stops at 6 with diffusers 0.42, epoch 2 and 5 with 0.32.1, both after the interruption.
 MONITOR = dict(
-    metrics=("ssim",), monitor="ssim", patience=3, bounds={"ssim": (None, 0.965)}, top_k=2,
+    metrics=("ssim",), metric="ssim", patience=3, bounds={"ssim": (None, 0.965)}, top_k=2,
     spec=PreviewSpec.from_prompts(["a red circle", "a blue square"], steps=3, width=32, height=32),
 )
 
@@ -72,14 +72,14 @@ def test_resume_from_the_step_checkpoint_at_an_epoch_end_decides_as_the_uninterr
 
 
 def test_a_loop_that_forgets_on_resume_is_told_which_epoch_was_skipped(pipeline, small_spec, tmp_path):
-    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), metric="ssim")
     nudge_lora(pipeline.unet, seed=1)
     monitor.on_epoch_end(1, step=10)
     state = monitor.state_dict()  # checkpoint-20 inside the step loop: before epoch 2's evaluation
     nudge_lora(pipeline.unet, seed=2)
     monitor.on_epoch_end(2, step=20)
 
-    resumed = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    resumed = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), metric="ssim")
     resumed.load_state_dict(state)
     nudge_lora(pipeline.unet, seed=3)
     with pytest.warns(RuntimeWarning, match=r"epoch\(s\) 2 never evaluated.*on_resume\(epoch, step\) right after accelerator\.load_state"):
@@ -88,22 +88,22 @@ def test_a_loop_that_forgets_on_resume_is_told_which_epoch_was_skipped(pipeline,
 
 
 def test_a_mid_epoch_checkpoint_after_a_missed_evaluation_says_the_epoch_is_lost(pipeline, small_spec, tmp_path):
-    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), metric="ssim")
     monitor.on_epoch_end(1, step=10)
     state = monitor.state_dict()
-    resumed = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    resumed = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), metric="ssim")
     resumed.load_state_dict(state)
     with pytest.warns(RuntimeWarning, match="epoch 2 ended before the checkpoint but was never evaluated.*weights are gone"):
         assert resumed.on_resume(2, 25, mid_epoch=True) is None
     assert [r.epoch for r in resumed.policy.history] == [1]
-    other = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    other = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), metric="ssim")
     other.load_state_dict(state)
     with pytest.warns(RuntimeWarning, match="on_resume.epoch 0., but the restored monitor state has already seen epoch 1"):
         assert other.on_resume(0, 10) is None  # 0-based epochs given to a monitor the loop numbers from 1, say
 
 
 def test_a_step_checkpoint_taken_before_on_step_end_is_evaluated_at_the_resume(pipeline, small_spec, tmp_path):
-    options = dict(spec=small_spec, metrics=("ssim",), monitor="ssim", every_n_steps=10)
+    options = dict(spec=small_spec, metrics=("ssim",), metric="ssim", every_n_steps=10)
     monitor = LoraMonitor.from_pipeline(pipeline, output_dir=tmp_path / "whole", **options)
     nudge_lora(pipeline.unet, seed=1)
     monitor.on_step_end(10)
@@ -145,7 +145,7 @@ def writer_of(label: list[str]):
 def scored_monitor(output_dir, label: list[str]) -> LoraMonitor:
     spec = PreviewSpec.from_prompts(["a", "b"], width=16, height=16)
     return LoraMonitor(
-        spec=spec, output_dir=output_dir, metrics=None, scorers=[Brightness()], monitor="brightness", top_k=2, write_weights=writer_of(label)
+        spec=spec, output_dir=output_dir, metrics=None, scorers=[Brightness()], metric="brightness", top_k=2, write_weights=writer_of(label)
     )
 
 

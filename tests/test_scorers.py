@@ -87,22 +87,30 @@ def test_brisque_scorer_scores_a_batch_with_a_given_model():
 # ---------------------------------------------------------------------------- pyiqa wrapper
 
 
-class _FakeMetric:
-    """Stands in for a pyiqa metric: pyiqa is optional and not installed in the test environment."""
+# What pyiqa's metrics say of themselves (pyiqa.create_metric(name).lower_better / .metric_mode): NIQE, no reference,
+# lower is better; LPIPS, a distance to a reference, lower is better; MUSIQ, no reference, higher is better.
+PYIQA_METADATA = {"niqe": (True, "NR"), "lpips": (True, "FR"), "musiq": (False, "NR")}
 
-    def __init__(self, lower_better: bool, mode: str):
-        self.lower_better, self.metric_mode = lower_better, mode
+
+class _FakeMetric:
+    """Stands in for a pyiqa metric (pyiqa is optional and not installed here), with that metric's real metadata.
+    A no-reference metric gives the mean pixel value; a full-reference one the mean absolute difference to the
+    reference, a distance as LPIPS is (0 for the reference itself)."""
+
+    def __init__(self, name: str):
+        self.lower_better, self.metric_mode = PYIQA_METADATA[name]
 
     def __call__(self, images, reference=None):
-        out = images.mean(dim=(1, 2, 3), keepdim=True)
-        return out if reference is None else out - reference.mean(dim=(1, 2, 3), keepdim=True)
+        if self.metric_mode == "NR":
+            return images.mean(dim=(1, 2, 3), keepdim=True)
+        return (images - reference).abs().mean(dim=(1, 2, 3), keepdim=True)
 
 
 @pytest.fixture
 def fake_pyiqa(monkeypatch):
     module = types.ModuleType("pyiqa")
-    module.list_models = lambda: ["niqe", "lpips"]
-    module.create_metric = lambda name, device=None, **kw: _FakeMetric(name == "niqe", "NR" if name == "niqe" else "FR")
+    module.list_models = lambda: list(PYIQA_METADATA)
+    module.create_metric = lambda name, device=None, **kw: _FakeMetric(name)
     monkeypatch.setitem(sys.modules, "pyiqa", module)
     return module
 
@@ -120,8 +128,12 @@ def test_pyiqa_metrics_take_their_polarity_and_mode_from_pyiqa(fake_pyiqa):
     niqe = get_scorer("pyiqa:niqe")
     assert (niqe.name, niqe.higher_is_better, niqe.needs_reference) == ("pyiqa:niqe", False, False)
     assert niqe(torch.full((2, 3, 8, 8), 0.25)).tolist() == [0.25, 0.25]
+    musiq = get_scorer("pyiqa:musiq")
+    assert (musiq.higher_is_better, musiq.needs_reference) == (True, False)
     lpips = get_scorer("pyiqa:lpips")
-    assert (lpips.higher_is_better, lpips.needs_reference) == (True, True)
+    assert (lpips.higher_is_better, lpips.needs_reference) == (False, True)  # a distance: lower is better
+    reference = torch.full((2, 3, 8, 8), 0.5)
+    assert lpips(torch.stack([reference[0], reference[1] + 0.25]), reference).tolist() == [0.0, 0.25]  # the reference to itself: 0
     with pytest.raises(ValueError, match="needs reference"):
         lpips(torch.rand(1, 3, 8, 8))
     with pytest.raises(ValueError, match="Did you mean pyiqa:niqe"):

@@ -77,6 +77,7 @@ def test_kohya_options_we_do_not_use_warn_once_per_option_per_file(tmp_path):
         spec = PreviewSpec.load(write(tmp_path, "p.txt", text))
     messages = [str(w.message) for w in caught]
     assert len(messages) == 5
+    assert {w.filename for w in caught} == {__file__}  # each warning points at the code that loaded the file
     assert sum("--ss" in m for m in messages) == 1
     assert all("is ignored by lora-monitor" in m for m in messages)
     assert [p.prompt for p in spec.prompts] == ["a", "b", "c"]
@@ -127,6 +128,18 @@ def test_missing_file_and_unknown_suffix(tmp_path):
         PreviewSpec.load(write(tmp_path, "p.yaml", "a cat\n"))
 
 
+def test_every_way_to_build_a_spec_renders_with_the_same_defaults_kohyas(tmp_path):
+    """PREVIEW_DEFAULTS, the one place: a prompt built in code, from texts or read from any prompt file format gets
+    kohya's sampler defaults (30 steps, 512x512) for what it does not set, and the family's CFG (None)."""
+    from lora_monitor.spec import PREVIEW_DEFAULTS
+
+    assert dict(PREVIEW_DEFAULTS) == {"steps": 30, "guidance_scale": None, "width": 512, "height": 512}
+    files = [write(tmp_path, "p.txt", "a cat\n"), write(tmp_path, "p.json", '[{"prompt": "a cat"}]'),
+             write(tmp_path, "p.toml", '[prompt]\n[[prompt.subset]]\nprompt = "a cat"\n')]
+    prompts = [PreviewPrompt("a cat"), PreviewSpec.from_prompts(["a cat"]).prompts[0], *(PreviewSpec.load(path).prompts[0] for path in files)]
+    assert [{name: getattr(prompt, name) for name in PREVIEW_DEFAULTS} for prompt in prompts] == [dict(PREVIEW_DEFAULTS)] * 5
+
+
 def test_bad_load_defaults_are_reported_as_such(tmp_path):
     with pytest.raises(ValueError, match="invalid default passed to PreviewSpec.load: width must be a positive multiple of 8"):
         PreviewSpec.load(write(tmp_path, "p.txt", "a cat\n"), width=100)
@@ -142,8 +155,9 @@ def test_json_kohya_entries_and_prompt_lines(tmp_path):
         "a bird --w 256 --h 256",
         {"prompt": "a fish", "sample_sampler": "euler_a"},
     ]
-    with pytest.warns(UserWarning, match=r"p\.json: entry 3: kohya key 'sample_sampler'"):
+    with pytest.warns(UserWarning, match=r"p\.json: entry 3: kohya key 'sample_sampler'") as caught:
         spec = PreviewSpec.load(write(tmp_path, "p.json", json.dumps(data)), seed=10)
+    assert [w.filename for w in caught] == [__file__]
     assert spec.prompts[0] == PreviewPrompt("a cat", "blurry", seed=3, steps=30, guidance_scale=5.0, width=768, height=512)
     # as kohya reads it: "guidance_scale" is FLUX's distilled guidance (--g), "scale" the CFG scale (--l)
     assert spec.prompts[1] == PreviewPrompt("a dog", "", seed=11, steps=12, distilled_guidance=4.0)

@@ -32,7 +32,7 @@ def config(tiny_model, data_dir, output_dir, **kwargs) -> TrainConfig:
 
 
 # 32 px previews and training images keep these whole runs quick on a 2-core CPU
-MONITOR = dict(metrics=("ssim",), monitor="ssim", spec=PreviewSpec.from_prompts(["a red circle", "a blue square"], steps=3, width=32, height=32))
+MONITOR = dict(metrics=("ssim",), metric="ssim", spec=PreviewSpec.from_prompts(["a red circle", "a blue square"], steps=3, width=32, height=32))
 
 
 def test_trained_lora_is_bit_identical_with_and_without_the_monitor(tiny_model, data_dir, tmp_path):
@@ -92,7 +92,7 @@ def test_monitor_renders_through_a_unet_compiled_in_place(pipeline, small_spec, 
     the default one, inductor, compiles C++ (a slow test). A counter around the backend shows the compiled path ran."""
     from lora_monitor.monitor import LoraMonitor
 
-    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), monitor="ssim")
+    monitor = LoraMonitor.from_pipeline(pipeline, spec=small_spec, output_dir=tmp_path, metrics=("ssim",), metric="ssim")
     eager = monitor.renderer.render(small_spec)
     graphs = []
 
