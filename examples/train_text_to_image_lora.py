@@ -109,11 +109,11 @@ def main(argv=None) -> None:
         spec = PreviewSpec.from_prompts(args.validation_prompt or ["a photo"], steps=args.preview_steps, width=size, height=size, seed=args.seed)
     spec = spec.with_seeds(args.seeds_per_prompt)
     preset = get_preset(args.preset)
-    metrics = [args.monitor_metric or preset.monitor, *preset.metrics, *(["val_loss"] if args.validation_dir else [])]
+    metrics = [args.monitor_metric or preset.metric, *preset.metrics, *(["val_loss"] if args.validation_dir else [])]
     bounds = {"ssim": (args.ssim_min, args.ssim_max)} if args.ssim_min is not None or args.ssim_max is not None else None
     monitor = LoraMonitor(  # lora-monitor: the modules already in memory, no second UNet
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=noise_scheduler,
-        spec=spec, output_dir=output_dir / "monitor", preset=args.preset, monitor=args.monitor_metric,
+        spec=spec, output_dir=output_dir / "monitor", preset=args.preset, metric=args.monitor_metric,
         metrics=tuple(dict.fromkeys(metrics)), references=args.refs_dir or args.train_data_dir, validation=args.validation_dir,
         clip_model=args.clip_model, dino_model=args.dino_model, strip_words=args.strip_words,
         patience=args.patience, min_delta=args.min_delta, bounds=bounds, every_n_epochs=args.preview_every_n_epochs,

@@ -83,7 +83,7 @@ def run(
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
     spec = preview_spec(prompts, size, steps)
-    options = dict(spec=spec, output_dir=Path(output_dir) / "monitor", metrics=None, scorers=[Brightness(), _ssim()], monitor="brightness", patience=patience)
+    options = dict(spec=spec, output_dir=Path(output_dir) / "monitor", metrics=None, scorers=[Brightness(), _ssim()], metric="brightness", patience=patience)
     if signals is not None:  # embedding signals (diversity is whole-set: scored on the main process) and the validation loss
         options.update(_signal_options(spec, size, *signals))
         spec = options["spec"]

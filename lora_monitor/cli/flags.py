@@ -107,8 +107,8 @@ def resolve_policy(args: argparse.Namespace, command: str) -> PolicyChoice:
     preset = get_preset(args.preset or "quality")
     explicit = split_names(args.metrics)
     bounds = dict(parse_bound(text) for text in args.bound)
-    metric = args.metric or (explicit[0] if explicit and not args.preset else preset.monitor)
-    all_bounds = {**(preset.bounds if metric == preset.monitor else {}), **bounds}
+    metric = args.metric or (explicit[0] if explicit and not args.preset else preset.metric)
+    all_bounds = {**(preset.bounds if metric == preset.metric else {}), **bounds}
     if preset.name == "loss" or VALIDATION_METRIC in (metric, *explicit, *bounds):
         what = (f"--preset loss picks by the deterministic validation loss ({VALIDATION_METRIC})" if preset.name == "loss"
                 else f"the metric {VALIDATION_METRIC!r} is the deterministic validation loss")

@@ -19,6 +19,7 @@ from lora_monitor.cli.posthoc_help import (
     STRENGTH_DESCRIPTION,
 )
 from lora_monitor.posthoc.tables import table, to_csv
+from lora_monitor.spec import PREVIEW_DEFAULTS
 from lora_monitor.cli.flags import (
     add_device_argument,
     add_policy_arguments,
@@ -80,8 +81,9 @@ def _add_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     source.add_argument("--allow-pickle", action="store_true", help="load .ckpt/.pt/.pth/.bin checkpoints with torch.load(weights_only=True)")
 
     render = parser.add_argument_group("rendering (with --base)")
-    render.add_argument("--steps", type=int, default=20, help="denoising steps for prompts that do not set --s (default: 20)")
-    render.add_argument("--size", type=int, default=512, help="width and height for prompts that do not set --w/--h (default: 512)")
+    steps, size = PREVIEW_DEFAULTS["steps"], PREVIEW_DEFAULTS["width"]  # the loop's, the launcher's and kohya's
+    render.add_argument("--steps", type=int, default=steps, help=f"denoising steps for prompts that do not set --s (default: {steps})")
+    render.add_argument("--size", type=int, default=size, help=f"width and height for prompts that do not set --w/--h (default: {size})")
     render.add_argument(
         "--guidance-scale", type=float, default=None,
         help="CFG scale for prompts without --l (default: the model family's: 7.5 SD 1.x/2.x, 5 SDXL, 7 SD3, 1 = no CFG for Flux, "

@@ -77,7 +77,7 @@ class Analysis:
         """The rule that chose, as a sentence: the preset's own when the settings are the preset's, else in words."""
         policy, preset = self.policy, self.preset
         if (
-            preset is not None and policy.metric == preset.monitor and policy.aggregate == "mean"
+            preset is not None and policy.metric == preset.metric and policy.aggregate == "mean"
             and dict(policy.bounds) == {name: tuple(bound) for name, bound in preset.bounds.items()}
         ):
             return preset.rule
