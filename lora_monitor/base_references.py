@@ -21,11 +21,7 @@ from lora_monitor import distributed
 from lora_monitor import export as exporting
 from lora_monitor.evaluation import quantize
 from lora_monitor.policy import AGGREGATES
-from lora_monitor.record import from_pil, save_png_atomic
-
-
-def _json_number(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+from lora_monitor.record import from_pil, json_number, save_png_atomic
 
 
 class BaseReferences:
@@ -137,6 +133,6 @@ class BaseReferences:
         })
         if self.is_main_process:
             exporting.write_json_atomic(self.output_dir / "base_scores.json", {
-                "scores": scores, "aggregates": {name: _json_number(value) for name, value in self.policy.base.items()},
+                "scores": scores, "aggregates": {name: json_number(value) for name, value in self.policy.base.items()},
                 "aggregate": self.policy.aggregate, "spec_fingerprint": self.spec.fingerprint(),
             })

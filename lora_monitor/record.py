@@ -10,6 +10,7 @@ The record is what a run leaves behind without W&B; `read_scores` reads it back.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,11 @@ from PIL import Image
 from lora_monitor.export import json_safe
 
 SCORES_FILE = "scores.jsonl"
+
+
+def json_number(value: float) -> float | None:
+    """A score as JSON holds it: NaN and inf (a preview that cannot be scored) become null."""
+    return value if math.isfinite(value) else None
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -21,6 +21,7 @@ import torch
 from lora_monitor.monitor import quantize
 from lora_monitor.policy import AGGREGATES, BestEpochPolicy, PolicyPreset
 from lora_monitor.posthoc.candidates import Candidate, PosthocError
+from lora_monitor.record import json_number
 from lora_monitor.scoring import Scorer, get_scorer, score_images
 from lora_monitor.scoring.scorers import score_sets
 
@@ -141,8 +142,8 @@ class Analysis:
             "bounds": self.bound_texts(),
             "base": None if self.base_aggregates is None else {
                 "files": list(self.reference_files),
-                "scores": {name: [_json_number(v) for v in values] for name, values in (self.base_scores or {}).items()},
-                "aggregates": {name: _json_number(v) for name, v in self.base_aggregates.items()},
+                "scores": {name: [json_number(v) for v in values] for name, values in (self.base_scores or {}).items()},
+                "aggregates": {name: json_number(v) for name, v in self.base_aggregates.items()},
             },
             "best": None if best is None else {"epoch": best.candidate.epoch, "strength": best.candidate.strength, "label": best.candidate.label},
             "explanation": self.explanation(),
@@ -154,8 +155,8 @@ class Analysis:
                     "strength": r.candidate.strength,
                     "label": r.candidate.label,
                     "files": list(r.candidate.files),
-                    "scores": {name: [_json_number(v) for v in values] for name, values in r.scores.items()},
-                    "aggregates": {name: _json_number(v) for name, v in r.aggregates.items()},
+                    "scores": {name: [json_number(v) for v in values] for name, values in r.scores.items()},
+                    "aggregates": {name: json_number(v) for name, v in r.aggregates.items()},
                     "eligible": r.eligible,
                     "is_best": r.is_best,
                     "note": r.note,
@@ -165,10 +166,6 @@ class Analysis:
             "skipped": [{"file": path, "reason": reason} for path, reason in self.skipped],
             "notes": list(self.notes),
         }
-
-
-def _json_number(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def _fmt(value: float) -> str:
