@@ -2,12 +2,15 @@
 
 The samples are rendered by our tiny pipeline (base = LoRA off, then the LoRA at a scripted size
 per epoch, so the best epoch is known) and written under kohya's names, in kohya's order (epoch
-file, rotation, samples; the final file after the last epoch), some half-written first.
+file, rotation, samples; the final file after the last epoch), some half-written first. kohya's own
+validation loss is written as train_network.py logs it: accelerate's TensorBoard tracker under
+--logging_dir, with kohya's tag names, at the 1-based epoch.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import threading
 import time
 from pathlib import Path
@@ -105,7 +108,8 @@ def watch(out: Path, prompts: Path, *extra: str, say=None) -> KohyaWatcher:
     parser = argparse.ArgumentParser()
     watch_command.register(parser.add_subparsers())
     args = parser.parse_args(["watch", str(out), "--prompts", str(prompts), "--metrics", "ssim", *extra])
-    return KohyaWatcher(args.output_dir, prompts=args.prompts, base=args.base, monitor_options=flags.monitor_options(args, "watch"), say=say or print)
+    return KohyaWatcher(args.output_dir, prompts=args.prompts, base=args.base, monitor_options=flags.monitor_options(args, "watch"),
+                        logging_dir=args.logging_dir, say=say or print)
 
 
 def test_watches_a_run_as_it_happens(renders, tmp_path, capsys):
@@ -197,3 +201,66 @@ def test_a_flux_json_prompt_file_reads_as_kohya_reads_it(tmp_path):
     watcher = KohyaWatcher(out, monitor_options={"metrics": ("ssim",), "monitor": "ssim"})
     assert watcher.prompts == prompts
     assert [(p.guidance_scale, p.distilled_guidance, p.seed) for p in watcher.spec.prompts] == [(1.0, 3.5, 11), (1.0, 4.0, 12)]
+
+
+def kohya_validation_log(logging_dir: Path, stamp: str, losses: dict[int, float]) -> None:
+    """train_network.py NetworkTrainer.train() with --validation_split and --logging_dir: prepare_accelerator() gives
+    accelerate's TensorBoard tracker <logging_dir>/<timestamp> and init_trackers() the run name network_train; per step
+    step_logging() at global_step, per epoch the EPOCH VALIDATION's epoch_logging() at epoch + 1 (the 1-based epoch of
+    that epoch's file and samples), then loss/epoch_average. `losses`: 1-based epoch -> its validation loss."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(logging_dir / stamp))
+    accelerator.init_trackers("network_train")
+    tracker = accelerator.get_tracker("tensorboard")
+    for epoch, loss in losses.items():
+        for step in range(10 * (epoch - 1) + 1, 10 * epoch + 1):
+            tracker.log({"loss/current": 0.9, "loss/average": 0.85}, step=step)
+        tracker.log({"loss/validation/epoch_average": loss, "loss/validation/epoch_divergence": loss - 0.85}, step=epoch)
+        tracker.log({"loss/epoch_average": 0.85}, step=epoch)
+    accelerator.end_training()
+
+
+VAL_LOSSES = {1: 0.30, 2: 0.20, 3: 0.25}  # lowest at epoch 2, while SSIM likes epoch 1 (closest to the base)
+
+
+def test_kohyas_validation_loss_is_recorded_beside_the_image_scores(renders, tmp_path, capsys):
+    """--logging_dir inside the output folder: found without --logging-dir; a restart goes on recording it."""
+    out, prompts = run_dir(tmp_path)
+    write_samples(out, 0, renders[0])
+    for epoch in (1, 2):
+        write_network(out / f"mylora-{epoch:06d}.safetensors", epoch)
+        write_samples(out, epoch, renders[epoch])
+    kohya_validation_log(out / "log", "20260216120000", {1: VAL_LOSSES[1], 2: VAL_LOSSES[2]})
+    assert watch(out, prompts).run(interval=0.05, once=True) == 0
+    said = capsys.readouterr().out
+    assert "kohya logs its validation loss (loss/validation/epoch_average): recorded as trainer_val_loss" in said
+    write_samples(out, 3, renders[3])
+    kohya_validation_log(out / "log", "20260216130000", {3: VAL_LOSSES[3]})  # a resumed launch: a second folder
+    assert watch(out, prompts).run(interval=0.05, once=True) == 0
+    assert "continuing from" in capsys.readouterr().out
+    lines = read_scores(out)
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    assert [line["aggregates"]["trainer_val_loss"] for line in lines] == pytest.approx([0.30, 0.20, 0.25])
+    assert all(len(line["scores"]["trainer_val_loss"]) == 2 for line in lines)  # one value a preview, as for any metric
+    assert read_sidecar(out / "best")["epoch"] == 1  # still picked by SSIM: the loss is recorded beside it
+    assert json.loads((out / "base_scores.json").read_text())["aggregates"]["trainer_val_loss"] is None  # no epoch 0 validation
+
+
+def test_metric_trainer_val_loss_picks_the_epoch_with_kohyas_lowest_validation_loss(renders, tmp_path, capsys):
+    """--logging_dir elsewhere, given to the watcher; --metric trainer_val_loss: the best epoch is the one kohya's own
+    validation found lowest, and its epoch file is copied."""
+    out, prompts = run_dir(tmp_path)
+    logs = tmp_path / "kohya_logs"
+    write_samples(out, 0, renders[0])
+    kohya_validation_log(logs, "20260216120000", VAL_LOSSES)
+    for epoch in (1, 2, 3):
+        write_network(out / f"mylora-{epoch:06d}.safetensors", epoch)
+        write_samples(out, epoch, renders[epoch])
+    watcher = watch(out, prompts, "--metric", "trainer_val_loss", "--logging-dir", str(logs))
+    assert watcher.run(interval=0.05, once=True) == 0
+    lines = read_scores(out)
+    assert [line["aggregates"]["trainer_val_loss"] for line in lines] == pytest.approx([0.30, 0.20, 0.25])
+    assert "ssim" in lines[0]["aggregates"]
+    assert read_sidecar(out / "best")["epoch"] == 2
+    assert load_file(out / "best" / "mylora-000002.safetensors")["lora_up"][0, 0].item() == 2.0

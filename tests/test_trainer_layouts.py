@@ -178,12 +178,23 @@ def test_onetrainer_epoch_units(tmp_path):
 
 
 def test_onetrainer_step_units_save_one_step_before_the_round(tmp_path):
-    # sample_after 10 STEP: global_step % 10 == 0; save_every 10 STEP: (global_step + 1) % 10 == 0
+    # sample_after 10 STEP: global_step % 10 == 0; save_every 10 STEP: (global_step + 1) % 10 == 0; with
+    # gradient_accumulation_steps 1 both run at once (has_gradient is False at every batch's top), each named with
+    # the step it runs at: the save of step 9 holds the weights one optimizer step before the sample of step 10
     ws = tmp_path / "run"
-    put(ws / "samples" / "0 - cat" / "2026-08-19_12-00-00-training-sample-10-0-10.png", image("PNG"))
     put(ws / "save" / "2026-08-19_11-59-50-save-9-0-9.safetensors", lora())
+    put(ws / "samples" / "0 - cat" / "2026-08-19_12-00-00-training-sample-10-0-10.png", image("PNG"))
     assert list(tl.sample_rounds(ws, tl.ONETRAINER)) == [RoundKey(STEP, 10)]
     assert tl.checkpoint_for(ws, tl.ONETRAINER, RoundKey(STEP, 10)) is None
+
+
+def test_onetrainer_with_accumulation_the_save_waits_for_the_samples_step(tmp_path):
+    # gradient_accumulation_steps 2: the save asked for at the top of batch 9 waits while has_gradient (batch 8 made no
+    # optimizer step) and runs at the top of batch 10, after that batch's samples, reading the same train_progress
+    ws = tmp_path / "run"
+    put(ws / "samples" / "0 - cat" / "2026-08-19_12-00-00-training-sample-10-0-10.png", image("PNG"))
+    save = put(ws / "save" / "2026-08-19_12-00-05-save-10-0-10.safetensors", lora())
+    assert tl.checkpoint_for(ws, tl.ONETRAINER, RoundKey(STEP, 10)) == save
 
 
 # ------------------------------------------------------------------------------------ SimpleTuner
@@ -227,6 +238,11 @@ def test_simpletuner(tmp_path):
     rounds = tl.sample_rounds(out, tl.SIMPLETUNER)
     assert list(rounds) == [RoundKey(STEP, 0), RoundKey(STEP, 100)]
     assert names(rounds)[RoundKey(STEP, 100)] == {"validation": step100[:2], "close_up_2": step100[2:]}
+    # a prompt's images are told apart by their index and resolution: the sample's slot in every round
+    assert sorted(s.slot for s in tl.list_samples(out, tl.SIMPLETUNER) if s.key == RoundKey(STEP, 100)) == [
+        ("close_up_2", "0_1024x1024"), ("close_up_2", "1_832x1216"), ("validation", "0_1024x1024"), ("validation", "1_832x1216")]
+    assert {(b.prompt, b.variant) for b in tl.list_base_files(out, tl.SIMPLETUNER)} == {
+        ("validation", "1024x1024"), ("close_up_2", "1024x1024")}  # a benchmark image names no index
     assert names(rounds)[RoundKey(STEP, 0)]["validation"] == base[:2]
     assert tl.checkpoint_for(out, tl.SIMPLETUNER, RoundKey(STEP, 100)) == out / "checkpoint-100" / "pytorch_lora_weights.safetensors"
     assert tl.checkpoint_for(out, tl.SIMPLETUNER, RoundKey(STEP, 200)) is None
@@ -251,6 +267,26 @@ def test_simpletuner_video_validation(tmp_path):
     put(out / "validation_images" / "step_100_validation_0_768x512.mp4", MP4_HALF)  # export_to_video not done
     [sample] = tl.list_samples(out, tl.SIMPLETUNER)
     assert (sample.key, sample.prompt, sample.video) == (RoundKey(STEP, 50), "validation", True)
+
+
+def test_simpletuner_where_the_sample_lies_in_its_display(tmp_path):
+    """validation.py: the pipeline renders at the name's resolution rounded to 16 (validate_prompt()); the saved image
+    is that sample with a black footer under it (draw_text_on_image()), or a wider side-by-side display (stitching)."""
+    def sample(name: str) -> tl.SampleName:
+        return tl.SIMPLETUNER.parse_sample(tmp_path / "validation_images" / name)
+
+    cut = tl.SIMPLETUNER.cut_sample
+    assert cut(sample("step_100_validation_0_1000x600.png"), 992, 640) == tl.DisplayCut((0, 0, 992, 608), (611, 616))
+    assert cut(sample("step_0_validation_0_1024x1024.png"), 1024, 1024) == tl.DisplayCut((0, 0, 1024, 1024), (1024, 1024))
+    with pytest.raises(tl.DisplayError, match=r"is 2054x1057 pixels, but a 1024x1024 sample is rendered at 1024x1024: "
+                                              r"SimpleTuner saved a side-by-side display.*--disable_benchmark"):
+        cut(sample("step_100_validation_0_1024x1024.png"), 2054, 1057)
+    with pytest.raises(tl.DisplayError, match="export_to_video"):  # a video's footer frames are rescaled by its writer
+        cut(sample("step_100_validation_0_512x512.mp4"), 512, 560)
+    assert cut(sample("step_0_validation_0_512x512.mp4"), 512, 512).box == (0, 0, 512, 512)  # the plain base round
+    with pytest.raises(tl.DisplayError, match="no resolution"):
+        cut(sample("step_100_validation_3_unknown.png"), 512, 560)
+    assert tl.ONETRAINER.cut_sample is None and tl.AI_TOOLKIT.cut_sample is None  # their files are the samples
 
 
 # ---------------------------------------------------------------------------------- musubi-tuner

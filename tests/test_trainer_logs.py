@@ -10,6 +10,7 @@ lora_monitor/trainer_logs.py, at each entry's `source` commit.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -20,7 +21,7 @@ from typing import Callable
 import pytest
 
 from lora_monitor.trainer_layouts import LAYOUTS
-from lora_monitor.trainer_logs import VALIDATION_TAGS, read_scalars, validation_loss
+from lora_monitor.trainer_logs import VALIDATION_TAGS, accumulation_steps, loss_for_round, read_scalars, validation_loss
 
 pytest.importorskip("tensorboard")
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
@@ -128,6 +129,27 @@ def test_onetrainer_prefers_total_average_and_a_restart_wins_its_steps(tmp_path)
     assert set(scalars) == {"loss/validation_step/dogs", "loss/validation_step/cats", "loss/validation_step/total_average"}
     assert scalars["loss/validation_step/dogs"] == [(0, pytest.approx(0.3)), (10, pytest.approx(0.29)),
                                                      (20, pytest.approx(0.48)), (30, pytest.approx(0.47)), (40, pytest.approx(0.46))]
+
+
+def test_onetrainer_round_of_a_logged_value_depends_on_gradient_accumulation(tmp_path):
+    """GenericTrainer: __validate() after batch G holds the weights of the top of batch G + 1; with A accumulation steps
+    batches G with (G + 1) % A != 0 make no optimizer step, so the values at S - 1 .. S + A - 2 hold round S's weights.
+    A comes from the config GenericTrainer.start() saves in workspace/config/<timestamp>.json."""
+    workspace = tmp_path / "workspace"
+    assert accumulation_steps(workspace, "onetrainer") == 1  # no saved config: taken as 1
+    (workspace / "config").mkdir(parents=True)
+    (workspace / "config" / "2026-08-19_12-00-00.json").write_text(json.dumps({"gradient_accumulation_steps": 1}))
+    (workspace / "config" / "2026-08-19_13-00-00.json").write_text(json.dumps({"gradient_accumulation_steps": 4}))
+    assert accumulation_steps(workspace, "onetrainer") == 4  # the newest start's
+    losses = {9: 0.5, 10: 0.4, 12: 0.3, 13: 0.2}
+    assert loss_for_round(losses, 10, "onetrainer") == 0.5  # A = 1: only G = S - 1
+    assert math.isnan(loss_for_round({10: 0.4}, 10, "onetrainer"))  # the value at S holds round S + 1's weights
+    assert loss_for_round(losses, 10, "onetrainer", accumulation=4) == 0.3  # G = 9 .. 12: the latest logged
+    assert loss_for_round(losses, 10, "ai-toolkit", accumulation=4) == 0.4  # no accumulation window: its step only
+    assert accumulation_steps(workspace, "ai-toolkit") == 1
+    messages, say = heard()
+    (workspace / "config" / "2026-08-19_14-00-00.json").write_text("{not json")
+    assert accumulation_steps(workspace, "onetrainer", say=say) == 4 and "not readable" in messages[0]
 
 
 def test_onetrainer_single_concept_and_a_half_written_last_record(tmp_path):
