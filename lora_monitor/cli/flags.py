@@ -49,9 +49,9 @@ VALIDATION_LOSS_ELSEWHERE = {
              "trainer --validation_split 0.1 (with --log_with, its trackers get loss/validation/epoch_average); the "
              "monitor's in-loop val_loss (and the loss preset's DVAR stop) needs the Python API: "
              "LoraMonitor(preset='loss', validation=...) in your own training loop",
-    "watch": "the watcher only reads the sample images and network files the trainer writes and has no model to run. "
-             "For a validation loss give kohya --validation_split (it logs loss/validation/* to its trackers; other "
-             "trainers' own validation loss is the metric trainer_val_loss), or train with the Python API: "
+    "watch": "the watcher only reads the sample images, logs and network files the trainer writes and has no model "
+             "to run. A trainer's own validation loss is the metric trainer_val_loss (kohya: give it --validation_split; "
+             "--metric trainer_val_loss picks by it), or train with the Python API: "
              "LoraMonitor(preset='loss', validation=...) in your own loop",
     "posthoc": "the post-hoc commands score images and cannot compute it. Use the in-training monitor for it "
                "(LoraMonitor(preset='loss', validation=...))",

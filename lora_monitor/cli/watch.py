@@ -1,5 +1,5 @@
-"""`lora-monitor watch`: follow a trainer's output folder (kohya, ai-toolkit, OneTrainer, musubi-tuner) and score
-its samples.
+"""`lora-monitor watch`: follow a trainer's output folder (kohya, ai-toolkit, OneTrainer, musubi-tuner,
+SimpleTuner) and score its samples.
 
 `register(subparsers)` adds the command to an argparse subparsers object; it sets `func(args) -> int`.
 """
@@ -26,15 +26,17 @@ gone is replaced). Network files are copied only from inside the folder (links o
 and only when they check out: a .safetensors header that parses, a .ckpt/.pt only with --allow-pickle.
 A sample that does not decode is named once, and given up once the run's final file is written;
 --once lists what it could not score.
+The trainer's own validation loss, where it logs one (kohya: --validation_split, read from its
+TensorBoard logs below --logging-dir or OUTPUT_DIR), is the metric trainer_val_loss beside the image
+scores (lower is better; --metric trainer_val_loss picks by it).
 Other trainers: the trainer is detected from the folder (or named with --trainer): ai-toolkit,
-OneTrainer and musubi-tuner folders are scored by round (step or epoch, as the trainer names them),
-against the trainer's before-training round or --base-samples DIR (one file per prompt index);
-the best round's LoRA file is copied to OUTPUT_DIR/best/; the trainer's own validation loss, when it
-logs one, is the metric trainer_val_loss (lower is better; --metric trainer_val_loss picks by it);
-video samples are scored per frame (mean and _worst) and by temporal_ssim. None of them reads a
-stop file: STOP is written and how to stop that trainer by hand is printed. SimpleTuner (its saved
-images are labelled side-by-side display images) and the diffusers scripts (no samples on disk) are
-not watched."""
+OneTrainer, musubi-tuner and SimpleTuner (run with --disable_benchmark: each sample is cut out of the
+labelled image SimpleTuner saves) folders are scored by round (step or epoch, as the trainer names
+them), against the trainer's before-training round or --base-samples DIR (one file per prompt index);
+the best round's LoRA file is copied to OUTPUT_DIR/best/; video samples are scored per frame (mean and
+_worst) and by temporal_ssim. None of them reads a stop file: STOP is written and how to stop that
+trainer by hand is printed. The diffusers example scripts write no samples to disk and are not
+watched: put a LoraMonitor into the script (README: "Where the lines go")."""
 
 
 WATCH_EPILOG = """\
@@ -59,7 +61,8 @@ def register(subparsers) -> None:
     watch.add_argument("--trainer", default=None, metavar="NAME",
                        help="the trainer whose folder it is (default: detected from the folder): " + ", ".join(_layout_names()))
     watch.add_argument("--logging-dir", default=None, metavar="DIR",
-                       help="where the trainer writes its TensorBoard logs, for its validation loss (default: the trainer's own place)")
+                       help="where the trainer writes its logs, for its validation loss: kohya's --logging_dir (default: the "
+                            "trainer's own place; kohya: below OUTPUT_DIR)")
     watch.add_argument("--interval", type=float, default=10.0, help="seconds between looks at the folder (default: 10)")
     watch.add_argument("--once", action="store_true", help="score what is there now, list what could not be scored, and exit")
     watch.add_argument("--allow-pickle", action="store_true",
@@ -116,7 +119,8 @@ def run_watch(args: argparse.Namespace) -> int:
         from lora_monitor.integrations.kohya_watch import KohyaWatcher
 
         watcher = KohyaWatcher(args.output_dir, prompts=args.prompts, output_name=args.output_name, base=args.base,
-                               monitor_options=options, preview_seed=args.preview_seed, allow_pickle=args.allow_pickle)
+                               monitor_options=options, preview_seed=args.preview_seed, allow_pickle=args.allow_pickle,
+                               logging_dir=args.logging_dir)
     else:  # the trainers of integrations/trainer_watch.py
         from lora_monitor.integrations.trainer_watch import TrainerWatcher
 
