@@ -160,7 +160,7 @@ def fresh_workspace(workspace, tiny_embedders, empty_hf_cache, tmp_path, monkeyp
     """A function that makes a fresh copy of the workspace the current folder (each example starts from the files a
     user would have, not from what the previous example wrote), with the default CLIP and DINOv2 names (and the
     example's larger CLIP) in the HF cache."""
-    from lora_monitor.scoring.embeddings import DEFAULT_CLIP, DEFAULT_DINO
+    from lora_monitor.scoring.embeddings import DEFAULT_CLIP, DEFAULT_DINO, release_embedding_models
 
     cached_brisque_model()
     for name, folder in ((DEFAULT_CLIP, tiny_embedders["clip"]), (DEFAULT_DINO, tiny_embedders["dino"]),
@@ -174,7 +174,8 @@ def fresh_workspace(workspace, tiny_embedders, empty_hf_cache, tmp_path, monkeyp
         monkeypatch.chdir(folder)
         return folder
 
-    return fresh
+    yield fresh
+    release_embedding_models()  # the tiny models loaded under the default names must not outlive this cache
 
 
 def test_every_command_has_examples():
