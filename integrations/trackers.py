@@ -153,7 +153,10 @@ class TrackersListener(BaseKeeper):
 
     Scalars go to every tracker at `step` = the report's global step (the epoch when the loop gives
     none; a step-based monitor's key is its step). Images go to TensorBoard (`<namespace>/preview/<i>`,
-    `<namespace>/base/<i>`, `<namespace>/contact_sheet`) and to accelerate's W&B tracker. Trackers named in `exclude` get
+    `<namespace>/base/<i>`, `<namespace>/contact_sheet`) and to accelerate's W&B tracker. W&B drops a row
+    logged at a step before its own, which a trainer that logs with no step (kohya's sd-scripts: one row
+    per log) is always past: give such a run a WandbListener (`listeners_for` does), which joins the run's
+    rows and adds the table, summary and best artifact. Trackers named in `exclude` get
     nothing; by default those covered by another listener of the same monitor (a `WandbListener`
     covers "wandb") are excluded, so nothing is logged twice. A failing tracker gets one warning
     and never stops training.

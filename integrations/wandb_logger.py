@@ -16,9 +16,13 @@ contact-sheet columns, and the artifact alias `step-400`.
 
 It logs into the run the user already has (accelerate's wandb tracker, or `wandb.run`) or starts
 one. Its rows never move the run's step: each joins the row open at the run's current step
-(`log(..., commit=False)`) and is committed by the user's next log, so a user's own
+(`log(..., commit=False)`, no `step=`) and is committed by the user's next log, so a user's own
 `log(..., step=global_step)` at that same step still lands (a committed row would have moved the
-step past it, and wandb drops rows logged to an earlier step). W&B failing never stops training:
+step past it, and wandb drops rows logged to an earlier step), and a trainer that logs with no
+step at all (kohya's sd-scripts: each log a new row) gets each evaluation in its next row. A row
+holds one evaluation: when the run's step has not moved since the last one (nobody logged), the
+next evaluation waits for the next row, or for `finish()` (LoraMonitor.close(), before the run
+ends), which commits the rows still waiting one after another. W&B failing never stops training:
 the first failure is one warning, a run that cannot start turns the listener off, and the
 monitor's local record is written whatever W&B does. Only the main process logs. Nothing from
 the environment goes into config or metadata.
@@ -119,7 +123,8 @@ class WandbListener(BaseKeeper):
         self._base: list[torch.Tensor] | None = None
         self._base_logged = False
         self._summary: dict[str, Any] = {}
-        self._open_step: int | None = None  # the run step whose row holds our last, not yet committed, scalars
+        self._open_step: int | None = None  # the run step whose row holds our last, maybe not yet committed, row
+        self._waiting: list[dict[str, Any]] = []  # evaluations' rows waiting for a row of the run's that holds none of ours
 
     # ----------------------------------------------------------------- listener events
     def on_evaluation(self, monitor: "LoraMonitor", report: "EpochReport") -> None:
@@ -137,7 +142,13 @@ class WandbListener(BaseKeeper):
                 self._failed(monitor, f"logging {report.label}", error)
 
     def finish(self) -> None:
-        """Finish the run if this listener started it (a user's or accelerate's run is theirs to end)."""
+        """End of training: the rows still waiting are logged (each committed into a row of its own), and the run is
+        finished if this listener started it (a user's or accelerate's run is theirs to end)."""
+        if self._waiting and self.run is not None and not self.disabled:
+            try:
+                self._log_waiting(self.run, closing=True)
+            except Exception as error:
+                self._failed(None, "logging the last evaluations", error)
         if self.owns_run and self.run is not None and not self.disabled:
             try:
                 self.run.finish()
@@ -210,14 +221,23 @@ class WandbListener(BaseKeeper):
     def _log_row(self, run: Any, data: dict[str, Any]) -> None:
         """Add `data` to the row open at the run's current step, uncommitted: the user's next log commits it,
         and their `log(..., step=s)` at this step is not dropped. No step=, so their step never goes backwards.
-        Only when our previous row is still open (nobody logged since) is it committed first, so that this
-        evaluation does not overwrite it."""
+        When our previous row is still open at that step (nobody committed since), `data` waits: committing that
+        row now would move the step past s and drop the user's next log at s (see _log_waiting)."""
+        self._waiting.append(data)
+        self._log_waiting(run)
+
+    def _log_waiting(self, run: Any, *, closing: bool = False) -> None:
+        """Log the waiting rows, oldest first, each into a row of the run's that holds none of ours; the others go on
+        waiting for the run's step to move. `closing` (end of training): commit each row to make room for the next."""
         step = _current_step(run)
-        if step is not None and step == self._open_step:
-            run.log({}, commit=True)
-            step += 1
-        run.log(data, commit=False)
-        self._open_step = step
+        while self._waiting:
+            if step is not None and step == self._open_step:
+                if not closing:
+                    return
+                run.log({}, commit=True)
+                step += 1
+            run.log(self._waiting.pop(0), commit=False)
+            self._open_step = step
 
     def _table(self, monitor: "LoraMonitor", report: "EpochReport") -> Any:
         import wandb

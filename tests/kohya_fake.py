@@ -1,12 +1,28 @@
 """A fake minimal kohya-ss sd-scripts checkout for the launcher tests, written by `write_fake_checkout`.
 
-Its train_network.py has a NetworkTrainer whose train() calls the hooks in kohya's order
-(post_process_network; sample_images at step 0, at every step, and at each epoch end after the
-checkpoint save and rotation; the final file after the loop) and writes files under kohya's names.
-The family scripts (sdxl_train_network.py, sd3_train_network.py, flux_train_network.py,
-lumina_train_network.py) subclass it as sd-scripts does (SdxlNetworkTrainer, Sd3NetworkTrainer,
-FluxNetworkTrainer, LuminaNetworkTrainer) and override sample_images with sd-scripts' own signatures
-(read from kohya-ss/sd-scripts at 48d368fa, Feb 2026):
+Its train_network.py has a NetworkTrainer whose train() makes kohya's calls in kohya's order
+(train_network.py, NetworkTrainer.train, at 48d368fa):
+    Accelerator (train_util.prepare_accelerator: --log_with, or tensorboard with --logging_dir alone)
+    load the model, post_process_network, accelerator.prepare(network, optimizer)
+    register_save_state_pre_hook / register_load_state_pre_hook (train_state.json: epoch and step)
+    train_util.resume_from_local_or_hf_if_specified: accelerator.load_state(--resume), BEFORE any
+        sample point; the loop then starts at the epoch the state was saved in (global_step from 0)
+    train_util.init_trackers (W&B: epoch, val_step, global_step defined as hidden metrics)
+    sample_images at step 0, then accelerator.log({}, step=0) when a tracker is on
+    each step: sample_images(None, step), with --save_every_n_steps the network file and (--save_state)
+        train_util.save_and_remove_state_stepwise, then the step's log; each epoch end: the epoch's log, the
+        network file and its rotation, with --save_state train_util.save_and_remove_state_on_epoch_end
+        (BEFORE sampling), then sample_images(epoch)
+    after the loop: end_training, with --save_state(_on_train_end) train_util.save_state_on_train_end
+        (<output_name>-state), the final file
+Every log goes as kohya's accelerator_logging sends it: TensorBoard at the step, W&B with no step
+(each log a new row; "global_step" and "epoch" in the row) and the samples to W&B as sample_<i>
+with commit=False (train_util.sample_image_inference). The network is an nn.Module holding the
+denoiser's LoRA parameters, so accelerate's save_state/load_state save and restore them; nothing
+else is registered. The family scripts (sdxl_train_network.py, sd3_train_network.py,
+flux_train_network.py, lumina_train_network.py) subclass it as sd-scripts does (SdxlNetworkTrainer,
+Sd3NetworkTrainer, FluxNetworkTrainer, LuminaNetworkTrainer) and override sample_images with
+sd-scripts' own signatures (read from kohya-ss/sd-scripts at 48d368fa, Feb 2026):
     train_network.py        NetworkTrainer.sample_images(self, accelerator, args, epoch, global_step, device, vae, tokenizers, text_encoder, unet)
     sdxl_train_network.py   SdxlNetworkTrainer.sample_images(self, accelerator, args, epoch, global_step, device, vae, tokenizer, text_encoder, unet)
     sd3_train_network.py    Sd3NetworkTrainer.sample_images(self, accelerator, args, epoch, global_step, device, vae, tokenizer, text_encoder, mmdit)
@@ -21,12 +37,14 @@ encoding the sample prompts once before training (--cache_text_encoder_outputs).
 our tiny diffusers pipeline of the family, and log every sample (with the fake network's multiplier
 at that moment) to <output_dir>/fake_samples.jsonl. The network is a peft LoRA on the denoiser whose
 set_multiplier scales it, as kohya's LoRANetwork does. Its "training" sets the LoRA to a scripted
-size each epoch (--fake_schedule), so which epoch is best is known in advance. Like kohya, the main
-process alone saves network files (with some of kohya's ss_* metadata keys; the final file also
-ss_training_finished_at), and with several processes each renders its share of the prompts.
-Test switches: --fake_cpu (Accelerator(cpu=True), for accelerate launch on CPU processes),
---fake_fail_at_epoch N (a ValueError inside the loop), --fake_corrupt_sample EPOCH:INDEX (that
-sample written as bytes that do not decode).
+size each epoch (--fake_schedule), so which epoch is best is known in advance, and a resumed run
+trains as the uninterrupted one did. Like kohya, the main process alone saves network files and
+states (with some of kohya's ss_* metadata keys; the final file also ss_training_finished_at), and
+with several processes each renders its share of the prompts. <output_dir>/fake_events.jsonl lists
+the states saved and loaded. Test switches: --fake_cpu (Accelerator(cpu=True), for accelerate
+launch on CPU processes), --fake_fail_at_epoch N (a ValueError inside the loop at epoch N's end,
+after its state is saved and before its samples), --fake_corrupt_sample EPOCH:INDEX (that sample
+written as bytes that do not decode).
 """
 from __future__ import annotations
 
@@ -54,6 +72,7 @@ class TokenizeStrategy:
 TRAIN_UTIL = '''
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -61,6 +80,13 @@ import torch
 from library import strategy_base
 
 EPOCH_FILE_NAME = "{}-{:06d}"
+STEP_FILE_NAME = "{}-step{:08d}"
+EPOCH_STATE_NAME = "{}-{:06d}-state"
+STEP_STATE_NAME = "{}-step{:08d}-state"
+LAST_STATE_NAME = "{}-state"
+DEFAULT_EPOCH_NAME = "epoch"
+DEFAULT_STEP_NAME = "at"
+DEFAULT_LAST_OUTPUT_NAME = "last"
 #: what the fake network's set_multiplier last set (kohya's sampler does not know it; the fake logs it)
 FAKE_STATE = {"multiplier": 1.0}
 #: each family's sampler: kohya's defaults for what a prompt does not set, the size rounding, the smallest seed
@@ -77,6 +103,10 @@ def get_epoch_ckpt_name(args, ext, epoch_no):
     return EPOCH_FILE_NAME.format(args.output_name or "epoch", epoch_no) + ext
 
 
+def get_step_ckpt_name(args, ext, step_no):
+    return STEP_FILE_NAME.format(args.output_name or DEFAULT_STEP_NAME, step_no) + ext
+
+
 def get_last_ckpt_name(args, ext):
     return (args.output_name or "last") + ext
 
@@ -90,6 +120,77 @@ def get_remove_epoch_no(args, epoch_no):
 
 def prepare_dtype(args):
     return torch.float32, None
+
+
+def default_if_none(value, default):
+    return default if value is None else value
+
+
+def fake_event(args, **event):
+    """The fake's own log of what it saved and loaded (kohya logs these lines to the console)."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "fake_events.jsonl"), "a", encoding="utf-8") as log:
+        log.write(json.dumps(event) + "\\n")
+
+
+def prepare_accelerator(args):
+    """kohya's rules for the trackers: --logging_dir alone means tensorboard; W&B writes under --logging_dir."""
+    from accelerate import Accelerator
+
+    log_with = args.log_with
+    if log_with is None and args.logging_dir is not None:
+        log_with = "tensorboard"
+    if log_with in ("wandb", "all") and args.logging_dir is not None:
+        os.makedirs(args.logging_dir, exist_ok=True)
+        os.environ["WANDB_DIR"] = args.logging_dir
+    return Accelerator(log_with=log_with, project_dir=args.logging_dir, cpu=args.fake_cpu)
+
+
+def init_trackers(accelerator, args, default_tracker_name):
+    if accelerator.is_main_process:
+        accelerator.init_trackers(default_tracker_name, config={"output_name": args.output_name})
+        if "wandb" in [tracker.name for tracker in accelerator.trackers]:
+            wandb_tracker = accelerator.get_tracker("wandb", unwrap=True)
+            wandb_tracker.define_metric("epoch", hidden=True)
+            wandb_tracker.define_metric("val_step", hidden=True)
+            wandb_tracker.define_metric("global_step", hidden=True)
+
+
+def resume_from_local_or_hf_if_specified(accelerator, args):
+    if not args.resume:
+        return
+    accelerator.load_state(args.resume)
+    fake_event(args, event="load_state", folder=os.path.basename(os.path.normpath(args.resume)))
+
+
+def save_and_remove_state_on_epoch_end(args, accelerator, epoch_no):
+    model_name = default_if_none(args.output_name, DEFAULT_EPOCH_NAME)
+    os.makedirs(args.output_dir, exist_ok=True)
+    state_dir = os.path.join(args.output_dir, EPOCH_STATE_NAME.format(model_name, epoch_no))
+    accelerator.save_state(state_dir)
+    fake_event(args, event="save_state", folder=os.path.basename(state_dir))
+    last_n_epochs = args.save_last_n_epochs_state if args.save_last_n_epochs_state else args.save_last_n_epochs
+    if last_n_epochs is not None:
+        remove_epoch_no = epoch_no - args.save_every_n_epochs * last_n_epochs
+        state_dir_old = os.path.join(args.output_dir, EPOCH_STATE_NAME.format(model_name, remove_epoch_no))
+        if os.path.exists(state_dir_old):
+            shutil.rmtree(state_dir_old)
+
+
+def save_and_remove_state_stepwise(args, accelerator, step_no):
+    model_name = default_if_none(args.output_name, DEFAULT_STEP_NAME)
+    os.makedirs(args.output_dir, exist_ok=True)
+    state_dir = os.path.join(args.output_dir, STEP_STATE_NAME.format(model_name, step_no))
+    accelerator.save_state(state_dir)
+    fake_event(args, event="save_state", folder=os.path.basename(state_dir))
+
+
+def save_state_on_train_end(args, accelerator):
+    model_name = default_if_none(args.output_name, DEFAULT_LAST_OUTPUT_NAME)
+    os.makedirs(args.output_dir, exist_ok=True)
+    state_dir = os.path.join(args.output_dir, LAST_STATE_NAME.format(model_name))
+    accelerator.save_state(state_dir)
+    fake_event(args, event="save_state", folder=os.path.basename(state_dir))
 
 
 def verify_command_line_training_args(args):
@@ -198,6 +299,11 @@ def sample_images_common(family, accelerator, args, epoch, steps, components, te
                       scale=scale, guidance_scale=guidance, width=width, height=height, cached=cached)
         with open(os.path.join(args.output_dir, "fake_samples.jsonl"), "a", encoding="utf-8") as log:
             log.write(json.dumps(record) + "\\n")
+        if "wandb" in [tracker.name for tracker in accelerator.trackers]:  # sample_image_inference: not committed
+            import wandb
+
+            wandb_tracker = accelerator.get_tracker("wandb")
+            wandb_tracker.log({f"sample_{i}": wandb.Image(image, caption=prompt["prompt"])}, commit=False)
 
 
 def sample_images(accelerator, args, epoch, steps, device, vae, tokenizer, text_encoder, unet, prompt_replacement=None):
@@ -206,29 +312,34 @@ def sample_images(accelerator, args, epoch, steps, device, vae, tokenizer, text_
 
 TRAIN_NETWORK = '''
 import argparse
+import json
 import math
 import os
 import time
 
 import torch
-from accelerate import Accelerator
 
 from library import strategy_base, train_util
 
 
 def kohya_metadata(args, epoch, steps):
-    """Some of the ss_* keys kohya's train_network.py writes into every network file it saves."""
+    \"\"\"Some of the ss_* keys kohya's train_network.py writes into every network file it saves.\"\"\"
     return {"ss_epoch": str(epoch), "ss_steps": str(steps), "ss_output_name": str(args.output_name), "ss_network_module": "networks.lora",
             "ss_network_dim": "4", "ss_network_alpha": "4", "ss_base_model_version": "sd_v1", "ss_session_id": "1234"}
 
 
-class FakeNetwork:
-    """Stands for kohya's LoRANetwork: set_multiplier scales every LoRA layer; save_weights saves them."""
+class FakeNetwork(torch.nn.Module):
+    \"\"\"Stands for kohya's LoRANetwork, an nn.Module that accelerate prepares, saves and loads: its parameters are
+    the denoiser's LoRA parameters (the same tensors); set_multiplier scales every LoRA layer; save_weights saves them.\"\"\"
 
     train_t5xxl = False
 
     def __init__(self, unet):
-        self.unet = unet
+        super().__init__()
+        self.targets = (unet,)  # a tuple: not a submodule, so the state holds the LoRA parameters only
+        named = [(name, parameter) for name, parameter in unet.named_parameters() if "lora_" in name]
+        self.lora_names = [name for name, _ in named]
+        self.lora = torch.nn.ParameterList([parameter for _, parameter in named])
         self.multiplier = 1.0
 
     def set_multiplier(self, multiplier):
@@ -236,7 +347,7 @@ class FakeNetwork:
 
         self.multiplier = multiplier
         train_util.FAKE_STATE["multiplier"] = multiplier
-        for module in self.unet.modules():
+        for module in self.targets[0].modules():
             if isinstance(module, LoraLayer):
                 module.set_scale("default", multiplier)
 
@@ -244,7 +355,7 @@ class FakeNetwork:
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(self.unet).items()}
+        state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(self.targets[0]).items()}
         save_file(state, file, metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
@@ -272,54 +383,114 @@ class NetworkTrainer:
     def sample_images(self, accelerator, args, epoch, global_step, device, vae, tokenizers, text_encoder, unet):
         train_util.sample_images(accelerator, args, epoch, global_step, device, vae, tokenizers[0], text_encoder, unet)
 
+    def accelerator_logging(self, accelerator, logs, step_value, global_step, epoch):
+        \"\"\"As kohya's: TensorBoard at step_value; W&B with no step (a new row each time), the steps in the row.\"\"\"
+        for tracker in accelerator.trackers:
+            if tracker.name == "wandb":
+                accelerator.get_tracker("wandb").log({**logs, "global_step": global_step, "epoch": epoch})
+            else:
+                accelerator.get_tracker(tracker.name).log(logs, step=step_value)
+
     def train(self, args):
         from peft import LoraConfig, inject_adapter_in_model
 
-        accelerator = Accelerator(log_with=args.log_with, project_dir=args.logging_dir, cpu=args.fake_cpu)
-        if args.log_with:
-            accelerator.init_trackers("network_train")
+        accelerator = train_util.prepare_accelerator(args)
+        is_main_process = accelerator.is_main_process
+        torch.manual_seed(args.seed)  # kohya: set_seed(args.seed); the LoRA's initial lora_A comes from it
         text_encoders, vae, unet, tokenizers = self.load_target_model(args)
         self.cache_text_encoder_outputs_if_needed(args, accelerator, unet, vae, text_encoders, None, torch.float32)
         inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]), unet)  # lora_B = 0
         network = FakeNetwork(unet)
         self.post_process_network(args, accelerator, network, text_encoders, unet)
         text_encoder = text_encoders[0] if len(text_encoders) == 1 else text_encoders
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.0)
+        network, optimizer = accelerator.prepare(network, optimizer)
+        current = {"epoch": 0, "step": 0}  # kohya's current_epoch and current_step
+        steps_from_state = None
+
+        def save_model_hook(models, weights, output_dir):
+            if accelerator.is_main_process:
+                for i in reversed([i for i, model in enumerate(models) if not isinstance(model, type(accelerator.unwrap_model(network)))]):
+                    if len(weights) > i:
+                        weights.pop(i)
+            with open(os.path.join(output_dir, "train_state.json"), "w", encoding="utf-8") as f:
+                json.dump({"current_epoch": current["epoch"], "current_step": current["step"] + 1}, f)
+
+        def load_model_hook(models, input_dir):
+            nonlocal steps_from_state
+            for i in reversed([i for i, model in enumerate(models) if not isinstance(model, type(accelerator.unwrap_model(network)))]):
+                models.pop(i)
+            train_state_file = os.path.join(input_dir, "train_state.json")
+            if os.path.exists(train_state_file):
+                with open(train_state_file, encoding="utf-8") as f:
+                    steps_from_state = json.load(f)["current_step"]
+
+        accelerator.register_save_state_pre_hook(save_model_hook)
+        accelerator.register_load_state_pre_hook(load_model_hook)
+        train_util.resume_from_local_or_hf_if_specified(accelerator, args)
+
         steps_per_epoch = 2
         if args.max_train_epochs is not None:
             args.max_train_steps = args.max_train_epochs * steps_per_epoch
         num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+        initial_step = steps_from_state or 0
+        epoch_to_start = initial_step // steps_per_epoch  # no --skip_until_initial_step: only the epochs are skipped
+        global_step = 0  # kohya counts the steps of this start only
         schedule = [float(x) for x in args.fake_schedule.split(",")]
-        global_step = 0
+
+        train_util.init_trackers(accelerator, args, "network_train")
         self.sample_images(accelerator, args, 0, global_step, accelerator.device, vae, tokenizers, text_encoder, unet)
-        for epoch in range(num_train_epochs):
+        is_tracking = len(accelerator.trackers) > 0
+        if is_tracking:
+            accelerator.log({}, step=0)  # kohya: "log empty object to commit the sample images to wandb"
+        lora = accelerator.unwrap_model(network)
+        for epoch in range(epoch_to_start, num_train_epochs):
+            current["epoch"] = epoch + 1
             for step in range(steps_per_epoch):
+                current["step"] = global_step
                 generator = torch.Generator().manual_seed(epoch)
                 with torch.no_grad():
-                    for name, parameter in unet.named_parameters():
+                    for name, parameter in zip(lora.lora_names, lora.lora):
                         if "lora_B" in name:
                             parameter.copy_(torch.randn(parameter.shape, generator=generator) * schedule[min(epoch, len(schedule) - 1)])
                 global_step += 1
                 self.sample_images(accelerator, args, None, global_step, accelerator.device, vae, tokenizers, text_encoder, unet)
+                if args.save_every_n_steps is not None and global_step % args.save_every_n_steps == 0:
+                    accelerator.wait_for_everyone()
+                    if is_main_process:
+                        name = train_util.get_step_ckpt_name(args, "." + args.save_model_as, global_step)
+                        lora.save_weights(os.path.join(args.output_dir, name), None, kohya_metadata(args, epoch, global_step))
+                        if args.save_state:
+                            train_util.save_and_remove_state_stepwise(args, accelerator, global_step)
+                if is_tracking:
+                    self.accelerator_logging(accelerator, {"loss/current": 0.1, "lr/unet": 1e-4}, global_step, global_step, epoch + 1)
                 if global_step >= args.max_train_steps:
                     break
+            if is_tracking:
+                self.accelerator_logging(accelerator, {"loss/epoch_average": 0.1}, epoch + 1, global_step, epoch + 1)
             accelerator.wait_for_everyone()
             if args.save_every_n_epochs is not None:
-                if (epoch + 1) % args.save_every_n_epochs == 0 and (epoch + 1) < num_train_epochs and accelerator.is_main_process:
+                saving = (epoch + 1) % args.save_every_n_epochs == 0 and (epoch + 1) < num_train_epochs
+                if is_main_process and saving:
                     name = train_util.get_epoch_ckpt_name(args, "." + args.save_model_as, epoch + 1)
-                    network.save_weights(os.path.join(args.output_dir, name), None, kohya_metadata(args, epoch + 1, global_step))
+                    lora.save_weights(os.path.join(args.output_dir, name), None, kohya_metadata(args, epoch + 1, global_step))
                     remove = train_util.get_remove_epoch_no(args, epoch + 1)
                     if remove is not None:
                         old = os.path.join(args.output_dir, train_util.get_epoch_ckpt_name(args, "." + args.save_model_as, remove))
                         if os.path.exists(old):
                             os.remove(old)
+                    if args.save_state:
+                        train_util.save_and_remove_state_on_epoch_end(args, accelerator, epoch + 1)
             if args.fake_fail_at_epoch == epoch + 1:
                 raise ValueError(f"fake failure inside kohya's training loop at epoch {epoch + 1}")
             self.sample_images(accelerator, args, epoch + 1, global_step, accelerator.device, vae, tokenizers, text_encoder, unet)
         accelerator.end_training()
+        if is_main_process and (args.save_state or args.save_state_on_train_end):
+            train_util.save_state_on_train_end(args, accelerator)
         name = train_util.get_last_ckpt_name(args, "." + args.save_model_as)
         metadata = dict(kohya_metadata(args, num_train_epochs, global_step), ss_training_finished_at=str(time.time()))
-        if accelerator.is_main_process:
-            network.save_weights(os.path.join(args.output_dir, name), None, metadata)
+        if is_main_process:
+            lora.save_weights(os.path.join(args.output_dir, name), None, metadata)
 
 
 def setup_parser():
@@ -332,14 +503,19 @@ def setup_parser():
     parser.add_argument("--max_train_epochs", type=int, default=None)
     parser.add_argument("--save_every_n_epochs", type=int, default=None)
     parser.add_argument("--save_last_n_epochs", type=int, default=None)
+    parser.add_argument("--save_last_n_epochs_state", type=int, default=None)
+    parser.add_argument("--save_every_n_steps", type=int, default=None)
+    parser.add_argument("--save_state", action="store_true")
+    parser.add_argument("--save_state_on_train_end", action="store_true")
+    parser.add_argument("--resume", default=None)
     parser.add_argument("--sample_prompts", default=None)
     parser.add_argument("--sample_every_n_epochs", type=int, default=None)
     parser.add_argument("--sample_every_n_steps", type=int, default=None)
     parser.add_argument("--sample_at_first", action="store_true")
-    parser.add_argument("--log_with", default=None)
+    parser.add_argument("--log_with", default=None, choices=["tensorboard", "wandb", "all"])
     parser.add_argument("--logging_dir", default=None)
-    parser.add_argument("--resume", default=None)
     parser.add_argument("--network_weights", default=None)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fake_schedule", default="0.1")
     parser.add_argument("--fake_cpu", action="store_true", help="Accelerator(cpu=True): several CPU processes under accelerate launch --multi_gpu")
     parser.add_argument("--fake_fail_at_epoch", type=int, default=None, help="raise a ValueError in the loop at this epoch's end")

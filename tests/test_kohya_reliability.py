@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from kohya_fake import write_fake_checkout
 from lora_monitor.cli import main
 from lora_monitor.export import read_sidecar
-from lora_monitor.integrations import kohya
+from lora_monitor.integrations import kohya, kohya_samples
 from lora_monitor.integrations.kohya_watch import MISSING_NOTE, STATE_FILE, STOP_FILE, KohyaWatcher
 from lora_monitor.kohya_names import LOCK_FILE, FolderLock
 from lora_monitor.record import read_image, read_scores
@@ -270,7 +270,7 @@ def test_any_decoder_error_counts_as_unreadable_and_names_the_file(run, renders,
             raise error
         return read_image(path)
 
-    monkeypatch.setattr(kohya, "read_image", read)
+    monkeypatch.setattr(kohya_samples, "read_image", read)  # read_sample's decoder
     assert watch(out, prompts) == 0
     said = capsys.readouterr().out
     assert f"epoch 2: waiting for {broken.name} to decode: {type(error).__name__}: {error}" in said
@@ -474,25 +474,37 @@ def test_a_failed_launcher_start_removes_its_prompt_file_and_lock(checkout, prom
 
 
 def test_a_resumed_launcher_replaces_a_leftover_state_and_keeps_one_that_scored(checkout, tiny_model, prompts_file, tmp_path, capsys):
+    """--resume of a state sd-scripts saved without the launcher (no monitor state in it): the monitor continues from its
+    latest state in the output folder, a leftover of a start that scored nothing is replaced, one that scored is kept."""
     from lora_monitor.monitor import LoraMonitor
     from lora_monitor.spec import PreviewSpec
 
+    plain = tmp_path / "plain"  # one epoch of sd-scripts alone, its state saved at the end
+    done = subprocess.run([sys.executable, str(checkout / "train_network.py"), "--pretrained_model_name_or_path", tiny_model,
+                           "--output_dir", str(plain), "--output_name", "mylora", "--max_train_epochs", "1", "--save_state"],
+                          cwd=checkout, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = plain / "mylora-state"
+    assert not (state / kohya.STATE_FILE).exists()
     out = tmp_path / "out"
     out.mkdir()
     other = PreviewSpec.from_prompts(["a green field"], steps=2, width=64, height=64)
     leftover = LoraMonitor(spec=other, output_dir=tmp_path / "elsewhere", write_weights=lambda folder: None, metrics=("ssim",), monitor="ssim")
     (out / kohya.LAUNCHER_STATE).write_text(json.dumps(leftover.state_dict()))  # a start for other prompts that scored nothing
-    extra = ("--max_train_epochs", "1", "--resume", "state-folder")
+    extra = ("--max_train_epochs", "2", "--resume", str(state))
     assert launch(checkout, tiny_model, prompts_file, out, *extra) == 0
-    assert f"ignoring {out / kohya.LAUNCHER_STATE}: it scored no epoch and does not fit this run" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"{state} holds no monitor state (saved by sd-scripts without lora-monitor?): the monitor continues from its latest state" in said
+    assert f"ignoring {out / kohya.LAUNCHER_STATE}: it scored no epoch and does not fit this run" in said
+    assert [line["epoch"] for line in read_scores(out)] == [2]  # kohya went on from the state's epoch 1
     assert_agree(out, launcher_policy(out), weights="mylora.safetensors")
     kept = (out / "lora_monitor_prompts.txt").read_bytes()
     changed = tmp_path / "changed.txt"
     changed.write_text("a red circle --w 64 --h 64 --s 2 --d 5\na blue square --w 64 --h 64 --s 2 --d 6\n")
     assert launch(checkout, tiny_model, changed, out, *extra) == 2
     error = capsys.readouterr().err
-    assert f"{out / kohya.LAUNCHER_STATE} (epochs [1] scored) cannot be continued: the saved monitor state belongs to preview spec" in error
-    assert (out / "lora_monitor_prompts.txt").read_bytes() == kept  # the failed start put back the file epoch 1 was scored from
+    assert f"{out / kohya.LAUNCHER_STATE} (epochs [2] scored) cannot be continued: the saved monitor state belongs to preview spec" in error
+    assert (out / "lora_monitor_prompts.txt").read_bytes() == kept  # the failed start put back the file epoch 2 was scored from
     assert_agree(out, launcher_policy(out), weights="mylora.safetensors")
     assert not (out / LOCK_FILE).exists()
 

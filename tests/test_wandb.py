@@ -1,4 +1,5 @@
-"""WandbListener with real wandb in offline mode, read back from what it wrote to disk.
+"""WandbListener with real wandb in offline mode, read back from what it wrote to disk; and the kohya launcher's
+W&B logging, with the fake sd-scripts checkout (kohya_fake.py) logging to W&B as kohya does.
 
 The offline run's transaction log (run-<id>.wandb: a leveldb-style log of wandb protobuf Records)
 holds the config, history rows, summary updates, metric definitions and artifact records; the
@@ -17,8 +18,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import nudge_lora
+from kohya_fake import write_fake_checkout
 from PIL import Image
 
+from lora_monitor.cli import main
+from lora_monitor.export import read_sidecar
 from lora_monitor.monitor import LoraMonitor
 from lora_monitor.record import read_scores
 
@@ -293,6 +297,7 @@ def test_logs_into_accelerates_wandb_run_and_trackers_listener_does_not_repeat_i
         nudge_lora(pipeline.unet, seed=epoch)
         monitor.on_epoch_end(epoch, step=epoch * 5)
     assert listener.run is user_run and not listener.owns_run
+    monitor.close()  # epoch 2's row waits for a row of its own (nobody logged since epoch 1's): committed now
     accelerator.end_training()
     close_wandb()
     run = OfflineRun(wandb_env["WANDB_DIR"])  # one run: the listener started none
@@ -305,7 +310,9 @@ def test_logs_into_accelerates_wandb_run_and_trackers_listener_does_not_repeat_i
 
 def test_the_monitor_never_moves_the_step_past_the_users_so_none_of_their_rows_is_dropped(pipeline, small_spec, tmp_path, wandb_env):
     """A user logging with step=global_step (as accelerator.log does) before and after the monitor's evaluation at
-    that step: every user value lands, each evaluation's scalars too (two in a row with no user log between)."""
+    that step: every user value lands, each evaluation's scalars too. Two evaluations with no user log between:
+    the second waits for the next row instead of committing the user's, so their later log at that step lands too;
+    what still waits at the end is committed by monitor.close()."""
     run = wandb.init(project="lm-test")
     listener = WandbListener(upload_checkpoints=False)
     monitor = make_monitor(pipeline, small_spec, tmp_path / "out", listeners=[listener])
@@ -315,22 +322,32 @@ def test_the_monitor_never_moves_the_step_past_the_users_so_none_of_their_rows_i
         nudge_lora(pipeline.unet, seed=epoch)
         reports.append(monitor.on_epoch_end(epoch, step=step))
         run.log({"lr": step / 1000}, step=step)  # the user's own log at the same step, after the monitor's
-    for epoch in (3, 4):  # the monitor alone: its rows must not overwrite each other
+    for epoch in (3, 4):  # the monitor alone, twice at step 20: its rows must not overwrite each other
         nudge_lora(pipeline.unet, seed=epoch)
         reports.append(monitor.on_epoch_end(epoch, step=20))
+    run.log({"grad_norm": 2.0}, step=20)  # ... nor push the step past the user's next log at 20
+    run.log({"loss": 0.3}, step=30)
+    nudge_lora(pipeline.unet, seed=5)
+    reports.append(monitor.on_epoch_end(5, step=30))
+    run.log({"lr": 0.03}, step=30)
+    monitor.close()  # before the run ends, as the README's loop does
     assert listener.errors == [] and not listener.owns_run
     run.finish()
     close_wandb()
     history = OfflineRun(wandb_env["WANDB_DIR"]).history
 
-    user = {row["_step"]: (row.get("loss"), row.get("lr")) for row in history if "loss" in row or "lr" in row}
-    assert user == {10: (pytest.approx(0.1), pytest.approx(0.01)), 20: (pytest.approx(0.2), pytest.approx(0.02))}
-    ours = [row for row in history if "monitor/epoch" in row]
-    assert [row["monitor/epoch"] for row in ours] == [1, 2, 3, 4]
+    user = {row["_step"]: {key: row[key] for key in ("loss", "lr", "grad_norm") if key in row} for row in history
+            if {"loss", "lr", "grad_norm"} & set(row)}
+    assert user == {10: {"loss": pytest.approx(0.1), "lr": pytest.approx(0.01)},
+                    20: {"loss": pytest.approx(0.2), "lr": pytest.approx(0.02), "grad_norm": 2.0},
+                    30: {"loss": pytest.approx(0.3), "lr": pytest.approx(0.03)}}
+    ours = sorted((row for row in history if "monitor/epoch" in row), key=lambda row: row["monitor/epoch"])
+    assert [row["monitor/epoch"] for row in ours] == [1, 2, 3, 4, 5]
     for row, report in zip(ours, reports):
         assert row["monitor/ssim_mean"] == pytest.approx(report.aggregates["ssim"])
-    assert [row["_step"] for row in ours[:2]] == [10, 20]  # the first two joined the user's rows
-    assert all(row["_step"] > 20 for row in ours[2:]) and ours[2]["_step"] < ours[3]["_step"]
+    steps = [row["_step"] for row in ours]
+    assert steps[:3] == [10, 20, 30]  # epoch 3 waited for the user's next row (30)
+    assert len(set(steps)) == 5 and all(step > 30 for step in steps[3:])  # 4 and 5: committed by close(), a row each
 
 
 def test_a_failing_log_warns_once_later_epochs_still_arrive_and_other_ranks_stay_silent(pipeline, small_spec, tmp_path, wandb_env, monkeypatch):
@@ -406,3 +423,49 @@ def test_bad_settings_fail_at_construction():
         WandbListener(namespace="/monitor")
     with pytest.raises(ValueError, match="artifact_name"):
         WandbListener(artifact_name="best lora")
+
+
+# ---------------------------------------------------------------------------------------- the kohya launcher
+def test_the_kohya_launcher_gets_scores_previews_table_summary_and_best_artifact_into_kohyas_run(tiny_model, tmp_path, wandb_env):
+    """`--log_with wandb`: kohya (the fake, in kohya's order) logs each step and epoch end to its W&B run with no step (each
+    log a new row), its samples with commit=False and `{}` at step 0. Every epoch's scores, previews and table reach that
+    run (logged at the step kohya's rows are at, none dropped), with the summary and the best checkpoint artifact;
+    the launcher's base render (network multiplier 0) is not logged as kohya's sample_<i>."""
+    checkout = write_fake_checkout(tmp_path / "sd-scripts", scripts=())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 2 --d 11\na blue square --w 64 --h 64 --s 2 --d 12\n", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["kohya", "--sd-scripts", str(checkout), "--metrics", "ssim", "--patience", "1", "--",
+            "--pretrained_model_name_or_path", tiny_model, "--output_dir", str(out), "--output_name", "mylora",
+            "--sample_prompts", str(prompts), "--sample_every_n_epochs", "1", "--max_train_epochs", "4",
+            "--fake_schedule", "0.05,0.5,1.0,1.0", "--save_every_n_epochs", "1", "--save_last_n_epochs", "1", "--log_with", "wandb"]
+    assert main(argv) == 0
+    close_wandb()
+    run = OfflineRun(wandb_env["WANDB_DIR"])  # one run: kohya's
+    lines = read_scores(out)
+    assert [line["epoch"] for line in lines] == [1, 2] and lines[-1]["should_stop"]
+
+    history = run.history
+    kohya_steps = [row for row in history if "loss/current" in row]
+    assert [row["global_step"] for row in kohya_steps] == [1, 2, 3, 4]  # kohya's own rows all landed
+    ours = [row for row in history if "monitor/epoch" in row]
+    assert [row["monitor/epoch"] for row in ours] == [1, 2]
+    for row, line in zip(ours, lines):
+        assert row["monitor/ssim_mean"] == pytest.approx(line["aggregates"]["ssim"])
+        assert row["monitor/previews"]["count"] == 2 and "monitor/contact_sheet" in row
+    assert "monitor/base" in ours[0] and "monitor/base" not in ours[1]
+    # kohya's samples of each epoch share the row with its scores; the base render logged no sample_<i>
+    assert [row["_step"] for row in history if "sample_0" in row] == [row["_step"] for row in ours]
+    assert all("sample_1" in row for row in ours)
+    assert any(m.glob_name == "monitor/*" and m.step_metric == "monitor/epoch" for m in run.of("metric"))
+    assert len(run.artifacts("run_table")) == 2
+    assert run.config["lora_monitor"]["metrics"] == ["ssim"]
+
+    summary = run.summary
+    assert summary["monitor/best_epoch"] == 1 and summary["monitor/stop_epoch"] == 2
+    assert summary["monitor/stop_reason"].startswith("Stopping at epoch 2")
+    artifacts = run.artifacts("model")
+    assert [sorted(a.aliases) for a in artifacts] == [["best", "epoch-1", "latest"]]
+    files = {entry.path: Path(entry.local_path) for entry in artifacts[0].manifest.contents}
+    assert files["mylora-000001.safetensors"].read_bytes() == (out / "best" / "mylora-000001.safetensors").read_bytes()
+    assert json.loads(artifacts[0].metadata)["epoch"] == read_sidecar(out / "best")["epoch"] == 1
