@@ -72,7 +72,7 @@ from lora_monitor.integrations.kohya_samples import (
     read_sample,
     sample_point,
 )
-from lora_monitor.integrations.kohya_state import LAUNCHER_STATE, STATE_FILE, MonitorStates, NotCheckpointed
+from lora_monitor.integrations.kohya_state import LAUNCHER_STATE, STATE_FILE, MonitorStates
 from lora_monitor.kohya_names import (
     KOHYA_TRAINERS,
     FolderLock,
@@ -220,7 +220,7 @@ class KohyaSession:
             self.started = True
             self.states.hook(call.accelerator)  # a trainer that never called post_process_network: its later saves still carry the state
             if self.monitor.accelerator is None:
-                self.monitor.attach(NotCheckpointed(call.accelerator))
+                self.monitor.attach(call.accelerator, checkpoint=False)  # its state travels in MonitorStates' file
         point = sample_point(args, call.epoch, call.step)
         base_from_first = first and point and call.epoch == 0 and self.monitor.needs_references and not network_preloaded(args)
         if first and self.monitor.needs_references and not base_from_first:

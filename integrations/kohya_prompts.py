@@ -38,7 +38,7 @@ def monitor_metrics(options: Mapping[str, Any]) -> list[str]:
     """The metrics a LoraMonitor built with `options` computes: the given metrics, else its preset's (quality's
     by default), with the bounded ones (a monitor refuses bounds on metrics it does not compute)."""
     metrics = options.get("metrics") or get_preset(options.get("preset") or "quality").metrics
-    return list(dict.fromkeys([*metrics, *([options["monitor"]] if options.get("monitor") else []), *(options.get("bounds") or {})]))
+    return list(dict.fromkeys([*metrics, *([options["metric"]] if options.get("metric") else []), *(options.get("bounds") or {})]))
 
 
 def check_seed_groups(spec: PreviewSpec, metrics: Iterable[str], source: str | os.PathLike) -> None:

@@ -50,24 +50,6 @@ class Owed:
     step: int
 
 
-class NotCheckpointed:
-    """kohya's accelerator as the monitor sees it: that object in every respect but register_for_checkpointing, which
-    does nothing. The monitor's state travels in kohya's state folders as a file of its own (MonitorStates); an object
-    registered for checkpointing would put a custom_checkpoint_0.pkl there, which plain sd-scripts refuses to load."""
-
-    def __init__(self, accelerator: Any) -> None:
-        object.__setattr__(self, "_accelerator", accelerator)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._accelerator, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._accelerator, name, value)
-
-    def register_for_checkpointing(self, *objects: Any) -> None:
-        """Nothing: see the class docstring."""
-
-
 def epoch_state_epoch(folder: Path, args: Any, train_util: Any) -> int | None:
     """The epoch of a state folder named as kohya names an epoch end's (train_util.EPOCH_STATE_NAME, "{}-{:06d}-state",
     with --output_name or train_util.DEFAULT_EPOCH_NAME); None for any other folder (a step's, the train end's)."""

@@ -121,8 +121,6 @@ class KohyaWatcher(EpochSamples, FolderWatcher):
         if self.base is not None and not self.base.is_dir():
             raise FileNotFoundError(f"--base folder not found: {self.base}")
         self.options = dict(monitor_options or {})
-        if "monitor" in self.options and "metric" not in self.options:  # LoraMonitor's current name for it
-            self.options["metric"] = self.options.pop("monitor")
         check_seed_groups(self.spec, self._metrics(), self.prompts)
         self.losses = ValidationLosses(self.output_dir, "kohya", logging_dir, say=self.say)
         self.board = RoundBoard()
@@ -247,10 +245,7 @@ class KohyaWatcher(EpochSamples, FolderWatcher):
 
     # ------------------------------------------------------------------ the monitor
     def _metrics(self) -> list[str]:
-        options = dict(self.options)
-        if options.get("metric"):
-            options["monitor"] = options["metric"]
-        return monitor_metrics(options)
+        return monitor_metrics(self.options)
 
     def _new_monitor(self) -> LoraMonitor:
         """The monitor over the options' metrics; with `with_loss` the trainer's validation loss beside them, a round

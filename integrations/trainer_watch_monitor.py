@@ -48,8 +48,6 @@ class RoundMonitor:
         if self.base_samples is not None and not self.base_samples.is_dir():
             raise FileNotFoundError(f"--base-samples folder not found: {self.base_samples}")
         self.options = dict(monitor_options or {})
-        if "metric" in self.options and "monitor" not in self.options:
-            self.options["monitor"] = self.options.pop("metric")
         self.losses = ValidationLosses(self.output_dir, self.layout.name, logging_dir, self.say)
         if TRAINER_VAL_LOSS in self._wanted_metrics() and not self.losses.logged:
             raise ValueError(f"the metric {TRAINER_VAL_LOSS!r} is the trainer's own validation loss, but {self.losses.spec.missing}")
@@ -62,7 +60,7 @@ class RoundMonitor:
         self.base_clips: list[torch.Tensor] | None = None
 
     def _wanted_metrics(self) -> list[str]:
-        return [self.options.get("monitor"), *self.options.get("metrics", ()), *(self.options.get("bounds") or {})]
+        return [self.options.get("metric"), *self.options.get("metrics", ()), *(self.options.get("bounds") or {})]
 
     # ------------------------------------------------------------------ the first round
     def _first_round(self, rounds: Mapping[RoundKey, Mapping[Slot, SampleName]]) -> bool:
@@ -117,7 +115,7 @@ class RoundMonitor:
 
         signal_options = SignalOptions(**signal)
         metrics = list(dict.fromkeys(name for name in self._wanted_metrics() if name)) or ["brisque", "ssim"]
-        monitor = options.get("monitor") or metrics[0]
+        monitor = options.pop("metric", None) or metrics[0]
         image_names = [n for n in metrics if n != TRAINER_VAL_LOSS and not self._video_only(n)]
         if self.prompt_spec is None and any(getattr(get_scorer(n, options=signal_options), "needs_prompts", False) for n in image_names):
             raise ValueError("the metric(s) need each sample's prompt (e.g. adherence), but no --prompts FILE was given: "
@@ -152,7 +150,6 @@ class RoundMonitor:
         if self.with_loss:
             scorers.append(RoundValues(TRAINER_VAL_LOSS, False, self.board))
         options.pop("metrics", None)
-        options.pop("monitor", None)
         self.monitor = LoraMonitor(
             spec=self._spec(), output_dir=self.output_dir, every_n_steps=1 if self.unit == "step" else None,
             write_weights=self._write_checkpoint, scorers=scorers, metrics=metrics, metric=monitor, bounds=bounds or None, **options)

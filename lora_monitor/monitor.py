@@ -288,8 +288,10 @@ class LoraMonitor(Evaluation, BaseReferences, Resume):
         return modules
 
     # ----------------------------------------------------------------- wiring
-    def attach(self, accelerator) -> "LoraMonitor":
+    def attach(self, accelerator, *, checkpoint: bool = True) -> "LoraMonitor":
         """Join the Accelerator's checkpoints (save_state/load_state) and use its mixed-precision autocast.
+        `checkpoint=False` leaves the checkpoints alone, for a caller that saves the monitor's state itself
+        (the kohya launcher: plain sd-scripts refuses a state holding objects it did not register).
         FSDP and DeepSpeed ZeRO-3 shard the parameters across ranks: rendering would see only a shard, so
         they are refused here, before training starts."""
         if self.renderer is not None:
@@ -304,7 +306,8 @@ class LoraMonitor(Evaluation, BaseReferences, Resume):
         self.accelerator = accelerator
         if self.renderer is not None:
             self.renderer.autocast = accelerator.autocast
-        accelerator.register_for_checkpointing(self)
+        if checkpoint:
+            accelerator.register_for_checkpointing(self)
         return self
 
     @property

@@ -204,7 +204,7 @@ def test_flux_every_2_steps_best_equals_checkpoint(setup, tmp_path):
     """README's lines in train_dreambooth_lora_flux.py; --cache_latents without --validation_prompt: the script
     deletes its VAE and (after encoding the instance prompt) its text encoders; the monitor keeps working."""
     arguments = dreambooth_arguments(setup, "flux", tmp_path, "--max_train_steps", "6", "--cache_latents")
-    run = train(setup, "flux", tmp_path, arguments, dict(metrics=("ssim",), monitor="ssim", patience=3))
+    run = train(setup, "flux", tmp_path, arguments, dict(metrics=("ssim",), metric="ssim", patience=3))
     assert run.returncode == 0, run.diagnostics()
     lines = assert_scores(run, "step", [2, 4, 6], [2, 4, 6])
     assert not any(line["should_stop"] for line in lines)
@@ -220,7 +220,7 @@ def test_flux_early_stop_mid_epoch_with_validation(setup, tmp_path):
     trains any more: the script's final LoRA equals checkpoint-4 and there is no checkpoint-6."""
     arguments = dreambooth_arguments(setup, "flux", tmp_path, "--max_train_steps", "12", "--validation_prompt", "a sks shape",
                                      "--num_validation_images", "1", "--validation_epochs", "1", images=6)
-    run = train(setup, "flux", tmp_path, arguments, dict(metrics=("ssim",), monitor="ssim", patience=1, min_delta=1.0))
+    run = train(setup, "flux", tmp_path, arguments, dict(metrics=("ssim",), metric="ssim", patience=1, min_delta=1.0))
     assert run.returncode == 0, run.diagnostics()
     lines = assert_scores(run, "step", [2, 4], [2, 4])
     assert lines[-1]["should_stop"] and lines[-1]["best_epoch"] == 2, lines[-1]
@@ -238,7 +238,7 @@ def test_flux_train_text_encoder(setup, tmp_path):
         pytest.skip(f"the script's text_encoder_one.add_adapter cannot run: {reason} (DIFFUSERS_SCRIPTS_PIP_EXTRA="
                     f"'transformers==5.23.0' installs one that accepts peft 0.21)")
     arguments = dreambooth_arguments(setup, "flux", tmp_path, "--max_train_steps", "4", "--train_text_encoder")
-    run = train(setup, "flux", tmp_path, arguments, dict(metrics=("ssim",), monitor="ssim", patience=3))
+    run = train(setup, "flux", tmp_path, arguments, dict(metrics=("ssim",), metric="ssim", patience=3))
     assert run.returncode == 0, run.diagnostics()
     lines = assert_scores(run, "step", [2, 4], [2, 4])
     assert_best_is_checkpoint(run, lines)
@@ -254,7 +254,7 @@ def test_flux_resume_from_checkpoint(setup, tmp_path):
     (accelerate's register_for_checkpointing) and step 6 is judged against it."""
     out = tmp_path / "out"
     arguments = dreambooth_arguments(setup, "flux", tmp_path)
-    settings = dict(metrics=("ssim",), monitor="ssim", patience=3)
+    settings = dict(metrics=("ssim",), metric="ssim", patience=3)
     first = train(setup, "flux", tmp_path, arguments + ["--max_train_steps", "4"], settings, out=out)
     assert first.returncode == 0, first.diagnostics()
     assert_scores(first, "step", [2, 4], [2, 4])
@@ -273,7 +273,7 @@ def test_flux_resume_from_checkpoint(setup, tmp_path):
 # ------------------------------------------------------------------------------------------ SD3
 def test_sd3_every_2_steps_best_equals_checkpoint(setup, tmp_path):
     arguments = dreambooth_arguments(setup, "sd3", tmp_path, "--max_train_steps", "6", "--cache_latents")
-    run = train(setup, "sd3", tmp_path, arguments, dict(metrics=("ssim",), monitor="ssim", patience=3))
+    run = train(setup, "sd3", tmp_path, arguments, dict(metrics=("ssim",), metric="ssim", patience=3))
     assert run.returncode == 0, run.diagnostics()
     lines = assert_scores(run, "step", [2, 4, 6], [2, 4, 6])
     assert_best_is_checkpoint(run, lines)
@@ -297,7 +297,7 @@ def test_sdxl_every_2_steps(setup, tmp_path):
     """train_text_to_image_lora_sdxl.py: 4 captioned images, batch 2, 3 epochs; on_step_end right after
     `global_step += 1`, before the script saves checkpoint-<step>."""
     arguments = sdxl_arguments(setup, tmp_path, "--num_train_epochs", "3")
-    run = train(setup, "sdxl", tmp_path, arguments, dict(metrics=("ssim",), monitor="ssim", patience=3))
+    run = train(setup, "sdxl", tmp_path, arguments, dict(metrics=("ssim",), metric="ssim", patience=3))
     assert run.returncode == 0, run.diagnostics()
     lines = assert_scores(run, "step", [2, 4, 6], [2, 4, 6])
     assert_best_is_checkpoint(run, lines)
@@ -310,7 +310,7 @@ def test_sdxl_resume_keeps_the_best_epoch(setup, tmp_path):
     at step 4 runs before the script saves checkpoint-4, so the resumed run knows it."""
     out = tmp_path / "out"
     arguments = sdxl_arguments(setup, tmp_path)
-    settings = dict(metrics=("ssim",), monitor="ssim", patience=3, bounds={"ssim": (None, 0.9)})
+    settings = dict(metrics=("ssim",), metric="ssim", patience=3, bounds={"ssim": (None, 0.9)})
     first = train(setup, "sdxl", tmp_path, arguments + ["--num_train_epochs", "2"], settings, out=out)
     assert first.returncode == 0, first.diagnostics()
     lines = assert_scores(first, "step", [2, 4], [2, 4])

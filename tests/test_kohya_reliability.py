@@ -181,7 +181,7 @@ def test_samples_linked_from_outside_the_folder_are_not_read(run, renders, tmp_p
 # ---------------------------------------------------------------------------------------- 3. one watcher a folder
 def test_a_second_watcher_exits_2_naming_the_first(run, capsys):
     out, prompts = run
-    first = KohyaWatcher(out, prompts=prompts, monitor_options={"metrics": ("ssim",), "monitor": "ssim"}, say=lambda message: None)
+    first = KohyaWatcher(out, prompts=prompts, monitor_options={"metrics": ("ssim",), "metric": "ssim"}, say=lambda message: None)
     assert watch(out, prompts) == 2
     error = capsys.readouterr().err
     assert f"is already being scored by lora-monitor watch (pid {os.getpid()} on host {socket.gethostname()}, started" in error
@@ -229,7 +229,7 @@ def test_a_sample_that_never_decodes_is_named_once_and_given_up_when_the_run_is_
     write_network(out / "mylora-000001.safetensors", 1)
     write_samples(out, 2, [renders[2][0], b"\x89PNG\r\n\x1a\n" + b"\x00" * 200])
     broken = sample_path(out, 2, 1).name
-    watcher = KohyaWatcher(out, prompts=prompts, monitor_options={"metrics": ("ssim",), "monitor": "ssim"})
+    watcher = KohyaWatcher(out, prompts=prompts, monitor_options={"metrics": ("ssim",), "metric": "ssim"})
     assert watcher.run(interval=0.05, timeout=1.0) == 0  # about 20 looks
     said = capsys.readouterr().out
     assert said.count(f"waiting for {broken} to decode: UnidentifiedImageError") == 1  # one line, not one a look
@@ -249,7 +249,7 @@ def test_a_sample_that_never_decodes_is_named_once_and_given_up_when_the_run_is_
 def test_a_sample_that_is_never_written_is_named_once_and_given_up_when_the_run_is_finished(run, renders, capsys):
     out, prompts = run
     write_samples(out, 2, renders[2][:1])  # prompt 1's sample never comes (kohya was stopped while sampling)
-    watcher = KohyaWatcher(out, prompts=prompts, monitor_options={"metrics": ("ssim",), "monitor": "ssim"})
+    watcher = KohyaWatcher(out, prompts=prompts, monitor_options={"metrics": ("ssim",), "metric": "ssim"})
     assert watcher.run(interval=0.05, timeout=1.0) == 0
     assert capsys.readouterr().out.count("epoch 2: waiting for the samples of prompt(s) [1]") == 1
     write_network(out / "mylora.safetensors", 2)
@@ -299,7 +299,7 @@ def test_a_leftover_state_that_scored_nothing_is_replaced_one_that_scored_is_kep
     out, prompts = run
     other = tmp_path / "other.txt"
     other.write_text("a green field --w 64 --h 64 --s 2 --d 11\na blue square --w 64 --h 64 --s 2 --d 12\n")
-    leftover = KohyaWatcher(out, prompts=other, monitor_options={"metrics": ("ssim",), "monitor": "ssim"}, say=lambda message: None)
+    leftover = KohyaWatcher(out, prompts=other, monitor_options={"metrics": ("ssim",), "metric": "ssim"}, say=lambda message: None)
     leftover.output_name, leftover.name_known = "mylora", True
     leftover._save_state()  # what a start that failed before scoring left behind (older versions wrote it early)
     leftover.close()
@@ -489,7 +489,7 @@ def test_a_resumed_launcher_replaces_a_leftover_state_and_keeps_one_that_scored(
     out = tmp_path / "out"
     out.mkdir()
     other = PreviewSpec.from_prompts(["a green field"], steps=2, width=64, height=64)
-    leftover = LoraMonitor(spec=other, output_dir=tmp_path / "elsewhere", write_weights=lambda folder: None, metrics=("ssim",), monitor="ssim")
+    leftover = LoraMonitor(spec=other, output_dir=tmp_path / "elsewhere", write_weights=lambda folder: None, metrics=("ssim",), metric="ssim")
     (out / kohya.LAUNCHER_STATE).write_text(json.dumps(leftover.state_dict()))  # a start for other prompts that scored nothing
     extra = ("--max_train_epochs", "2", "--resume", str(state))
     assert launch(checkout, tiny_model, prompts_file, out, *extra) == 0

@@ -266,7 +266,7 @@ def test_monitor_options_resolve_like_the_monitor(argv, metrics, monitor, bounds
     refs, _ = training_images
     for command in ("kohya", "watch"):
         options = flags.monitor_options(parse(command, *argv, "--refs", str(refs)), command)
-        assert (options["metrics"], options["monitor"], options["bounds"]) == (metrics, monitor, bounds)
+        assert (options["metrics"], options["metric"], options["bounds"]) == (metrics, monitor, bounds)
         assert options["references"] == str(refs) and options["strip_words"] == ()
         assert "clip_model" not in options and "dino_model" not in options  # the monitor's defaults
 

@@ -180,7 +180,7 @@ def test_no_base_references_is_a_clear_error(renders, tmp_path):
 def test_no_prompt_file_and_missing_folder(tmp_path):
     out, _ = run_dir(tmp_path)
     with pytest.raises(ValueError, match=r"give --prompts FILE .*looked for .*sample/prompt.txt"):
-        KohyaWatcher(out, monitor_options={"metrics": ("ssim",), "monitor": "ssim"})
+        KohyaWatcher(out, monitor_options={"metrics": ("ssim",), "metric": "ssim"})
     with pytest.raises(FileNotFoundError, match="kohya output folder not found"):
         KohyaWatcher(tmp_path / "nowhere")
 
@@ -198,7 +198,7 @@ def test_a_flux_json_prompt_file_reads_as_kohya_reads_it(tmp_path):
     out, _ = run_dir(tmp_path)
     prompts = out / "sample" / "prompt.json"
     prompts.write_text('[{"prompt": "a red circle", "scale": 1.0, "guidance_scale": 3.5, "seed": 11}, "a blue square --g 4 --l 1 --d 12"]')
-    watcher = KohyaWatcher(out, monitor_options={"metrics": ("ssim",), "monitor": "ssim"})
+    watcher = KohyaWatcher(out, monitor_options={"metrics": ("ssim",), "metric": "ssim"})
     assert watcher.prompts == prompts
     assert [(p.guidance_scale, p.distilled_guidance, p.seed) for p in watcher.spec.prompts] == [(1.0, 3.5, 11), (1.0, 4.0, 12)]
 

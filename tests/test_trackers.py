@@ -19,7 +19,7 @@ pytest.importorskip("tensorboard")
 
 
 def make_monitor(pipe, spec, output_dir, **kwargs) -> LoraMonitor:
-    options = dict(metrics=("ssim",), monitor="ssim", spec=spec, output_dir=output_dir)
+    options = dict(metrics=("ssim",), metric="ssim", spec=spec, output_dir=output_dir)
     options.update(kwargs)
     return LoraMonitor.from_pipeline(pipe, **options)
 

@@ -367,7 +367,7 @@ def test_score_videos_gives_one_value_per_clip_for_the_policy():
     assert all(len(values) == 2 for values in epoch_smooth.values())
     assert sum(epoch_flicker["brisque"]) < sum(epoch_smooth["brisque"])  # the flicker epoch "looks" cleaner
 
-    policy = BestEpochPolicy(VIDEO_PRESET.monitor, higher_is_better=False, bounds=VIDEO_PRESET.bounds)
+    policy = BestEpochPolicy(VIDEO_PRESET.metric, higher_is_better=False, bounds=VIDEO_PRESET.bounds)
     policy.set_base({TEMPORAL_SSIM: sum(base[TEMPORAL_SSIM]) / 2})
     policy.update(1, epoch_smooth)
     decision = policy.update(2, epoch_flicker)

@@ -138,7 +138,7 @@ class OfflineRun:
 
 
 def make_monitor(pipe, spec, output_dir, **kwargs) -> LoraMonitor:
-    options = dict(metrics=("ssim",), monitor="ssim", spec=spec, output_dir=output_dir)
+    options = dict(metrics=("ssim",), metric="ssim", spec=spec, output_dir=output_dir)
     options.update(kwargs)
     return LoraMonitor.from_pipeline(pipe, **options)
 
@@ -400,7 +400,7 @@ def test_wandb_init_raising_leaves_training_and_the_local_record_whole(tiny_mode
     data = write_synthetic_dataset(tmp_path / "data", count=4)
     config = TrainConfig(
         pretrained=tiny_model, train_data_dir=str(data), output_dir=str(tmp_path / "run"), epochs=2, batch_size=2,
-        monitor={"metrics": ("ssim",), "monitor": "ssim", "spec": small_spec, "listeners": [listener]},
+        monitor={"metrics": ("ssim",), "metric": "ssim", "spec": small_spec, "listeners": [listener]},
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

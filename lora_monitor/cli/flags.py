@@ -243,7 +243,7 @@ def monitor_options(args: argparse.Namespace, command: str) -> dict[str, Any]:
     return dict(
         preset=choice.preset.name,
         metrics=tuple(choice.metrics),
-        monitor=choice.metric,
+        metric=choice.metric,
         patience=args.patience,
         min_delta=args.min_delta,
         aggregate=args.aggregate,
