@@ -496,6 +496,8 @@ class NetworkTrainer:
 def setup_parser():
     parser = argparse.ArgumentParser()
     parser.add_argument("--pretrained_model_name_or_path")
+    parser.add_argument("--train_data_dir", default=None)  # read by kohya's data set; the fake trains on nothing
+    parser.add_argument("--network_module", default=None)  # the fake's network is always its peft LoRA
     parser.add_argument("--output_dir")
     parser.add_argument("--output_name", default=None)
     parser.add_argument("--save_model_as", default="safetensors")

@@ -152,6 +152,14 @@ def workspace(tmp_path_factory, tiny_model, family_models):
     from test_trainer_watch import ai_toolkit_run
 
     ai_toolkit_run(root / "output" / "my_lora")
+    # kohya: a (fake) sd-scripts checkout at ~/sd-scripts, training images, a prompt file with two seeds a prompt
+    from kohya_fake import write_fake_checkout
+
+    write_fake_checkout(root / "home" / "sd-scripts")
+    _images(root / "data" / "10_sks", [(f"{i:02d}.png", 170 + i) for i in range(3)])
+    (root / "likeness_prompts.txt").write_text(
+        "".join(f"{text} --w 32 --h 32 --s 2 --d {seed}\n" for text in PROMPTS for seed in (1, 2)), encoding="utf-8"
+    )
     return root
 
 
@@ -160,9 +168,11 @@ def fresh_workspace(workspace, tiny_embedders, empty_hf_cache, tmp_path, monkeyp
     """A function that makes a fresh copy of the workspace the current folder (each example starts from the files a
     user would have, not from what the previous example wrote), with the default CLIP and DINOv2 names (and the
     example's larger CLIP) in the HF cache."""
+    from lora_monitor.scoring.brisque_model import CACHE_ENV, cache_dir
     from lora_monitor.scoring.embeddings import DEFAULT_CLIP, DEFAULT_DINO, release_embedding_models
 
     cached_brisque_model()
+    monkeypatch.setenv(CACHE_ENV, str(cache_dir()))  # the BRISQUE model stays found when HOME moves
     for name, folder in ((DEFAULT_CLIP, tiny_embedders["clip"]), (DEFAULT_DINO, tiny_embedders["dino"]),
                          ("openai/clip-vit-large-patch14", tiny_embedders["clip"])):
         _seed_hf_cache(empty_hf_cache, name, folder)
@@ -172,6 +182,7 @@ def fresh_workspace(workspace, tiny_embedders, empty_hf_cache, tmp_path, monkeyp
         folder = tmp_path / f"run{next(copies)}"
         shutil.copytree(workspace, folder, symlinks=True)
         monkeypatch.chdir(folder)
+        monkeypatch.setenv("HOME", str(folder / "home"))  # ~/sd-scripts
         return folder
 
     yield fresh
@@ -183,7 +194,7 @@ def test_every_command_has_examples():
         assert help_examples(command), f"`lora-monitor {command} --help` has no example"
 
 
-@pytest.mark.parametrize("command", ["score", "models", "epochs", "strength", "grid", "watch"])
+@pytest.mark.parametrize("command", ["score", "models", "epochs", "strength", "grid", "watch", "kohya"])
 def test_help_examples_run_as_written(command, fresh_workspace, capsys):
     for line in help_examples(command):
         folder = fresh_workspace()
@@ -214,6 +225,11 @@ def check_outcome(command: str, words: list[str], out: str, folder: Path) -> Non
         assert "best" in out.lower(), line
     if command == "watch":
         assert (folder / words[2] / "scores.jsonl").is_file() and any((folder / words[2] / "best").iterdir()), line
+    if command == "kohya":
+        run = folder / words[words.index("--output_dir") + 1]
+        assert (run / "scores.jsonl").is_file() and any((run / "best").iterdir()), line
+        if "--save_state" in words:  # the state kohya saves carries the monitor's
+            assert list(run.glob("mylora-*-state/lora_monitor_state.json")), line
 
 
 def test_top_help_lists_every_command_on_one_line(capsys, monkeypatch):

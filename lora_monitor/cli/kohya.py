@@ -31,18 +31,17 @@ lumina_train_network.py; --script names another (its family is known by its name
 class). Prompt options --l (CFG scale) and --g (FLUX's distilled guidance) reach kohya as written.
 Everything after `--` goes to the trainer unchanged."""
 KOHYA_EPILOG = """\
-example:
-  lora-monitor kohya --sd-scripts ~/sd-scripts --metrics brisque ssim --patience 3 -- \\
-      --pretrained_model_name_or_path model.safetensors --train_data_dir data --output_dir out \\
+examples:
+  lora-monitor kohya --sd-scripts ~/sd-scripts --metrics brisque,ssim --patience 3 -- \\
+      --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --train_data_dir data --output_dir runs/mylora \\
       --output_name mylora --network_module networks.lora --max_train_epochs 10 \\
-      --save_every_n_epochs 1 --sample_prompts prompts.txt --sample_every_n_epochs 1
-  lora-monitor kohya --sd-scripts ~/sd-scripts --family flux --metrics ssim --patience 2 -- \\
-      --pretrained_model_name_or_path flux1-dev.safetensors --clip_l clip_l.safetensors \\
-      --t5xxl t5xxl_fp16.safetensors --ae ae.safetensors --network_module networks.lora_flux \\
-      --train_data_dir data --output_dir out --output_name myflux --max_train_epochs 10 \\
-      --save_every_n_epochs 1 --sample_prompts prompts.txt   # prompt lines like: a cat --g 3.5 --l 1.0
-  lora-monitor kohya --sd-scripts ~/sd-scripts --preset likeness --refs data/10_sks --strip-words sks -- \
-      ... --sample_prompts prompts.txt   # lines like: sks toy on a table --d 1 / sks toy on a table --d 2
+      --save_every_n_epochs 1 --sample_prompts prompts.txt --sample_every_n_epochs 1 --save_state
+  lora-monitor kohya --sd-scripts ~/sd-scripts --preset likeness --refs data/10_sks --strip-words sks -- \\
+      --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 --train_data_dir data --output_dir runs/mylora \\
+      --output_name mylora --network_module networks.lora --max_train_epochs 4 \\
+      --sample_prompts likeness_prompts.txt --sample_every_n_epochs 1   # lines: sks toy --d 1 / sks toy --d 2
+Resume a run saved with --save_state by adding --resume runs/mylora/mylora-000002-state (the monitor's state travels in
+kohya's state folders). Other families: --family sdxl|sd3|flux|lumina and that script's own model arguments.
 """
 
 def register(subparsers) -> None:
