@@ -194,7 +194,7 @@ def test_every_command_has_examples():
         assert help_examples(command), f"`lora-monitor {command} --help` has no example"
 
 
-@pytest.mark.parametrize("command", ["score", "models", "epochs", "strength", "grid", "watch", "kohya"])
+@pytest.mark.parametrize("command", ["score", "models", "epochs", "strength", "grid", "watch", "kohya", pytest.param("demo", marks=pytest.mark.slow)])
 def test_help_examples_run_as_written(command, fresh_workspace, capsys):
     for line in help_examples(command):
         folder = fresh_workspace()
@@ -225,6 +225,8 @@ def check_outcome(command: str, words: list[str], out: str, folder: Path) -> Non
         assert "best" in out.lower(), line
     if command == "watch":
         assert (folder / words[2] / "scores.jsonl").is_file() and any((folder / words[2] / "best").iterdir()), line
+    if command == "demo":
+        assert "best epoch" in out, line
     if command == "kohya":
         run = folder / words[words.index("--output_dir") + 1]
         assert (run / "scores.jsonl").is_file() and any((run / "best").iterdir()), line

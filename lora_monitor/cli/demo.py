@@ -2,21 +2,29 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 from pathlib import Path
+
+
+EPILOG = """\
+examples:
+  lora-monitor demo                                    # everything goes to demo-output/
+  lora-monitor demo --output-dir demo-seed1 --seed 1  # another seed, another folder
+"""
 
 
 def register(subparsers) -> None:
     from lora_monitor.policy import PRESETS
 
     demo = subparsers.add_parser(
-        "demo",
+        "demo", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train a tiny offline LoRA and watch the monitor pick its epoch",
-        description=(
+        description=textwrap.fill(
             "Build a tiny Stable Diffusion model with random weights (offline), make a small synthetic data set of "
             "coloured shapes, train a LoRA on it for a few epochs on the CPU with the monitor attached, print a "
             "table of scores per epoch, export the best epoch's LoRA and say where everything went. "
-            "BRISQUE needs its SVR model: run `lora-monitor models brisque` once first (`make demo` does)."
+            "BRISQUE needs its SVR model: run `lora-monitor models brisque` once first (`make demo` does).", 100
         ),
     )
     demo.add_argument("--output-dir", default="demo-output", help="where the model, data, previews and best LoRA go (default: demo-output)")
