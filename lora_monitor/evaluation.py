@@ -334,13 +334,14 @@ class Evaluation:
             self._notify("on_evaluation", report)
         return report
 
+    @staticmethod
+    def _report_fields(report: EpochReport) -> dict[str, Any]:
+        """What the sidecar and the scores line both say about an evaluation."""
+        return {"epoch": report.epoch, "unit": report.unit, "step": report.step, "scores": report.scores, "aggregates": report.aggregates}
+
     def sidecar(self, report: EpochReport) -> dict[str, Any]:
         return {
-            "epoch": report.epoch,
-            "unit": report.unit,
-            "step": report.step,
-            "scores": report.scores,
-            "aggregates": report.aggregates,
+            **self._report_fields(report),
             "prompts": [p.prompt for p in self.spec.prompts],
             "seeds": [p.seed for p in self.spec.prompts],
             "spec_fingerprint": self.spec.fingerprint(),
@@ -366,11 +367,7 @@ class Evaluation:
 
     def _score_line(self, report: EpochReport) -> dict[str, Any]:
         return {
-            "epoch": report.epoch,
-            "unit": report.unit,
-            "step": report.step,
-            "scores": report.scores,
-            "aggregates": report.aggregates,
+            **self._report_fields(report),
             "is_best": report.is_best,
             "best_epoch": report.decision.best_epoch,
             "best_value": report.decision.best_value,
