@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from lora_monitor.policy_presets import PRESETS, PolicyPreset, get_preset
-from lora_monitor.policy_rules import VALIDATION_METRIC, DvarRule, check_bound_value, check_int, parse_bound, relative_factor
+from lora_monitor.policy_rules import VALIDATION_METRIC, DvarRule, check_bound_value, check_int, parse_bound, relative_factor, value_source
 from lora_monitor.policy_state import policy_state, restore_policy_state
 
 __all__ = [
@@ -266,7 +266,7 @@ class BestEpochPolicy:
                 aggregates[name] = float(AGGREGATES[self.aggregate](values))
         value = aggregates[self.metric]
         count = len(per_prompt[self.metric])
-        label = f"{self.metric} ({self.aggregate} over {count} prompt{'s' if count != 1 else ''})"
+        label = f"{self.metric} ({self.aggregate} over {count} {value_source(self.metric)}{'s' if count != 1 else ''})"
 
         problems = []
         if self.metric in non_finite:

@@ -15,10 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["VALIDATION_METRIC", "DvarRule", "check_bound_value", "check_int", "parse_bound", "relative_factor"]
+__all__ = ["VALIDATION_METRIC", "DvarRule", "check_bound_value", "check_int", "parse_bound", "relative_factor", "value_source"]
 
 #: The deterministic validation loss's metric name: computed by the denoiser on held-out images, not from previews.
 VALIDATION_METRIC = "val_loss"
+
+
+def value_source(metric: str) -> str:
+    """What one of `metric`'s values stands for, in the policy's reasons: a held-out image for the validation loss,
+    else a preview's prompt."""
+    return "held-out image" if metric == VALIDATION_METRIC else "prompt"
 
 
 def check_int(name: str, value: Any) -> int:

@@ -194,6 +194,13 @@ def test_reasons_are_sentences():
     assert all(reason.endswith(".") for reason in reasons)
 
 
+def test_the_validation_loss_is_counted_in_held_out_images_not_prompts():
+    policy = BestEpochPolicy("val_loss", higher_is_better=False)
+    assert policy.update(1, {"val_loss": [0.2, 0.3, 0.25], "brisque": [10.0]}).reason.startswith(
+        "val_loss (mean over 3 held-out images) is 0.25 at epoch 1"
+    )
+
+
 def test_ranked_orders_eligible_epochs_best_first_ties_earliest():
     policy = BestEpochPolicy("ssim", higher_is_better=True)
     for epoch, value in enumerate([0.5, 0.7, NAN, 0.7, 0.6]):

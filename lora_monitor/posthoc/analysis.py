@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from lora_monitor.monitor import quantize
-from lora_monitor.policy import AGGREGATES, BestEpochPolicy, PolicyPreset
+from lora_monitor.policy import AGGREGATES, VALIDATION_METRIC, BestEpochPolicy, PolicyPreset
 from lora_monitor.posthoc.candidates import Candidate, PosthocError
 from lora_monitor.record import json_number
 from lora_monitor.scoring import Scorer, get_scorer, score_images
@@ -85,7 +85,8 @@ class Analysis:
         direction = "highest" if policy.higher_is_better else "lowest"
         noun = {"epochs": self.unit, "strength": "strength", "grid": f"({self.unit}, strength) pair"}[self.kind]
         tie = {"epochs": f"earliest {self.unit}", "strength": "lowest strength", "grid": f"earliest {self.unit}, then lowest strength"}[self.kind]
-        sentence = f"best = {direction} {policy.aggregate} {policy.metric} over the previews ({tie} on ties"
+        over = "held-out images" if policy.metric == VALIDATION_METRIC else "previews"
+        sentence = f"best = {direction} {policy.aggregate} {policy.metric} over the {over} ({tie} on ties"
         sentence += f" within min_delta {policy.min_delta:g})" if policy.min_delta else ")"
         if policy.bounds:
             sentence += f", among {noun}s whose " + " and ".join(self.bound_texts().values())
