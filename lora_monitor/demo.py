@@ -1,15 +1,17 @@
-"""The demo: train a LoRA on the tiny offline model with the monitor attached.
+"""The demo: train a LoRA on a tiny offline model with the monitor attached.
 
 `train` is an ordinary diffusers/accelerate LoRA loop (the shape of diffusers'
 train_text_to_image_lora.py, cut to its core) with the monitor's few lines marked. The tests use it
 to check that the monitor leaves training untouched and that a resumed run decides the same.
+`STORY` is what `lora-monitor demo` runs with it: a new concept taught to the pre-trained base model
+of lora_monitor.tiny.pretrain, fast enough to overfit.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -83,9 +85,9 @@ def embedding_models(folder: str | os.PathLike) -> tuple[str, str, bool]:
         return str(save_tiny_clip(folder / "clip")), str(save_tiny_dino(folder / "dino")), False
 
 
-def load_for_lora_training(pretrained: str, rank: int = 4):
+def load_for_lora_training(pretrained: str, rank: int = 4, targets: Sequence[str] = LORA_TARGETS):
     """Load a diffusers model folder as a LoRA training script does: frozen modules, a peft LoRA (alpha = rank)
-    on the UNet's attention projections. Returns (tokenizer, text_encoder, vae, unet, noise_scheduler)."""
+    on the UNet's `targets` (by default its attention projections). Returns (tokenizer, text_encoder, vae, unet, noise_scheduler)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -97,8 +99,40 @@ def load_for_lora_training(pretrained: str, rank: int = 4):
     noise_scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
     for module in (vae, text_encoder, unet):
         module.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)))
     return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def _target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, by the scheduler's prediction_type: the noise, or the velocity (v-prediction)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"the scheduler's prediction_type is {kind!r}; this loop trains 'epsilon' or 'v_prediction' models")
+
+
+@dataclass(frozen=True)
+class StoryRecipe:
+    """The LoRA half of `lora-monitor demo`: on the pre-trained base model (lora_monitor.tiny.pretrain), teach the
+    concept of lora_monitor.tiny.shapes at a learning rate high enough that it overfits after it has arrived.
+    The prompts ask for the concept in two colours and for two things the base model already draws."""
+
+    prompts: tuple[str, ...] = ("a red zqx", "a blue zqx", "a green circle", "a yellow square")
+    training_images: int = 16
+    held_out_images: int = 24
+    repeats: int = 5  # 16 images x 5 / batch 4: 20 optimizer steps an epoch
+    batch_size: int = 4
+    rank: int = 8
+    # attention alone barely moves this small UNet's shapes; its ResNet convolutions too learn the cross in a few epochs
+    lora_targets: tuple[str, ...] = (*LORA_TARGETS, "conv1", "conv2")
+    learning_rate: float = 7e-3
+    preview_steps: int = 20
+    guidance_scale: float = 4.0
+
+
+STORY = StoryRecipe()
 
 
 @dataclass
@@ -109,8 +143,10 @@ class TrainConfig:
     epochs: int = 6
     resolution: int = 64
     rank: int = 4
+    lora_targets: tuple[str, ...] = tuple(LORA_TARGETS)  # the UNet modules the LoRA adapts
     learning_rate: float = 1e-3
     batch_size: int = 2
+    repeats: int = 1  # each image this many times an epoch (kohya's folder repeats)
     seed: int = 0
     report_to: str | None = None
     resume_from: str | None = None  # an accelerate save_state folder: checkpoints/epoch-<N> or checkpoints/checkpoint-<step>
@@ -132,7 +168,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     set_seed(config.seed)
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_for_lora_training(config.pretrained, config.rank)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_for_lora_training(config.pretrained, config.rank, config.lora_targets)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
 
@@ -141,7 +177,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     input_ids = tokenizer(
         [caption for _, caption in items], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    dataset = torch.utils.data.TensorDataset(pixels, input_ids)
+    dataset = torch.utils.data.TensorDataset(pixels.repeat(config.repeats, 1, 1, 1), input_ids.repeat(config.repeats, 1))
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True)
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate)
@@ -183,7 +219,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
             prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-            loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+            loss = torch.nn.functional.mse_loss(prediction.float(), _target(noise_scheduler, latents, noise, timesteps).float())
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()

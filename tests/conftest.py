@@ -127,6 +127,41 @@ def cached_brisque_model():
         pytest.skip(message)
 
 
+@pytest.fixture
+def brisque_beside(tmp_path, monkeypatch):
+    """The BRISQUE model as an explicit file, so that the cache ($LORA_MONITOR_CACHE) may point at tmp_path / "cache"."""
+    from lora_monitor.scoring import brisque_model
+
+    model = cached_brisque_model()
+    path = tmp_path / "brisque.safetensors"
+    brisque_model.save_model(model, path)
+    monkeypatch.setenv(brisque_model.MODEL_ENV, str(path))
+    monkeypatch.setenv(brisque_model.CACHE_ENV, str(tmp_path / "cache"))
+    return path
+
+
+def fast_demo_recipe():
+    """A base recipe that builds in seconds: a model that loads and trains like the demo's, without learning to draw."""
+    from lora_monitor.tiny.pretrain import BaseRecipe
+
+    return BaseRecipe(images=32, vae_steps=3, unet_steps=3, batch_size=4)
+
+
+@pytest.fixture
+def fast_demo(brisque_beside, monkeypatch):
+    """`lora-monitor demo` in seconds: the fast base recipe, built into the temporary cache of `brisque_beside`, and a
+    story of 2 training and 2 held-out images, each seen once an epoch, previews of 2 denoising steps."""
+    import dataclasses
+
+    import lora_monitor.demo
+    from lora_monitor.tiny import pretrain
+
+    monkeypatch.setattr(pretrain, "DEMO_RECIPE", fast_demo_recipe())
+    story = dataclasses.replace(lora_monitor.demo.STORY, training_images=2, held_out_images=2, repeats=1, preview_steps=2)
+    monkeypatch.setattr(lora_monitor.demo, "STORY", story)
+    return story
+
+
 def shape_image(kind: str, size: int = 32, shift: int = 0, seed: int | None = None) -> torch.Tensor:
     """A (3, size, size) picture of a disc, square or stripe: on flat grey, or with `seed` on a smooth random
     background (distinct content even a tiny random DINOv2 tells apart)."""

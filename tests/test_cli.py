@@ -1,4 +1,4 @@
-"""The lora-monitor command: help, errors as messages, and the demo."""
+"""The lora-monitor command: help, errors as messages, score and models (the demo: test_demo.py)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from lora_monitor.cli import main
-from lora_monitor.record import read_scores
 
 
 def test_help_lists_the_commands(capsys):
@@ -31,24 +30,6 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "missing.png" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.mark.slow
-def test_demo_trains_prints_a_table_and_exports_the_best(tmp_path, capsys):
-    assert main(["demo", "--output-dir", str(tmp_path), "--epochs", "3", "--patience", "1", "--preset", "quality"]) == 0
-    out = capsys.readouterr().out
-    header = re.search(r"^epoch\s+(.+?)\s+best$", out, re.MULTILINE).group(1).split()
-    assert header[:2] == ["brisque", "ssim"] and {"likeness", "adherence", "diversity", "memorization", "val_loss"} <= set(header)
-    rows = re.findall(r"^\s+(\d+|base)\s+([-\d. ]+?)\s*(\*?)$", out, re.MULTILINE)
-    lines = read_scores(tmp_path / "run" / "monitor")
-    assert [r[0] for r in rows] == ["base"] + [str(line["epoch"]) for line in lines]
-    for (epoch, values, _), line in zip(rows[1:], lines):
-        assert [float(v) for v in values.split()] == pytest.approx([line["aggregates"][name] for name in header], abs=1e-4)
-    best = lines[-1]["best_epoch"]
-    assert [int(r[0]) for r in rows if r[2] == "*"][-1] == best
-    assert f"best epoch {best}" in out and "policy 'quality': best = lowest mean BRISQUE" in out
-    assert f"why epoch {best}: " + [line for line in lines if line["epoch"] == best][0]["reason"] in out
-    assert (tmp_path / "run" / "monitor" / "best" / "pytorch_lora_weights.safetensors").is_file()
 
 
 # ----------------------------------------------------------------------------------------- score
