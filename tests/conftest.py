@@ -150,7 +150,8 @@ def fast_demo_recipe():
 @pytest.fixture
 def fast_demo(brisque_beside, monkeypatch):
     """`lora-monitor demo` in seconds: the fast base recipe, built into the temporary cache of `brisque_beside`, and a
-    story of 2 training and 2 held-out images, each seen once an epoch, previews of 2 denoising steps."""
+    story of 2 training and 2 held-out images, each seen once an epoch, previews of 2 denoising steps. The embedding models
+    the demo loaded are let go afterwards."""
     import dataclasses
 
     import lora_monitor.demo
@@ -159,7 +160,10 @@ def fast_demo(brisque_beside, monkeypatch):
     monkeypatch.setattr(pretrain, "DEMO_RECIPE", fast_demo_recipe())
     story = dataclasses.replace(lora_monitor.demo.STORY, training_images=2, held_out_images=2, repeats=1, preview_steps=2)
     monkeypatch.setattr(lora_monitor.demo, "STORY", story)
-    return story
+    yield story
+    from lora_monitor.scoring.embeddings import release_embedding_models
+
+    release_embedding_models()  # the demo's CLIP and DINOv2 stay shared in the process otherwise; later tests count them
 
 
 def shape_image(kind: str, size: int = 32, shift: int = 0, seed: int | None = None) -> torch.Tensor:

@@ -174,6 +174,7 @@ def test_signal_models_can_be_let_go_after_each_evaluation(pipeline, spec, refer
     def loaded() -> list[str]:
         return sorted(model.kind for model in embeddings._SHARED.values() if model.model is not None)
 
+    embeddings.release_embedding_models()  # whatever earlier tests left shared in this process
     kept = likeness_monitor(pipeline, spec, references, tiny_embedders, tmp_path / "kept")
     nudge_lora(pipeline.unet, seed=6)
     first = kept.on_epoch_end(1)

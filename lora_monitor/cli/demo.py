@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
     demo = subparsers.add_parser(
         "demo", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="teach a tiny pre-trained model a new concept with a LoRA and watch the monitor pick its epoch",
+        help="watch a LoRA learn, then overfit, on a tiny offline model",
         description=textwrap.fill(DESCRIPTION, 100),
     )
     demo.add_argument("--output-dir", default="demo-output", help="where the data, previews, best LoRA and report go (default: demo-output)")
@@ -130,8 +130,8 @@ def run(args: argparse.Namespace) -> int:
         seeds_per_prompt=2,
     )
     options = dict(
-        spec=spec, preset=preset.name if preset else "quality", metrics=metrics, metric=metric, patience=args.patience, references=str(data),
-        validation=str(held_out), clip_model=clip, dino_model=dino, listeners=[Table(), *listeners_for(args.report_to)],
+        spec=spec, metrics=metrics, metric=metric, patience=args.patience, references=str(data), validation=str(held_out),
+        clip_model=clip, dino_model=dino, listeners=[Table(), *listeners_for(args.report_to)], **({"preset": preset.name} if preset else {}),
     )
     result = train(
         TrainConfig(
