@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import fast_demo_recipe
-from test_report import chromium  # noqa: F401  the headless browser fixture (found on PATH or installed; else skip)
+from test_report import _Links, chromium  # noqa: F401  chromium: the headless browser fixture (found on PATH or installed; else skip)
 
 from lora_monitor.tiny import pretrain
 from lora_monitor.tiny.pretrain import BaseRecipe, base_model_dir, is_complete, pretrained_base
@@ -69,26 +68,12 @@ def test_the_base_loads_as_a_diffusers_model_with_v_prediction(tmp_path):
     assert any("conv1.lora_A" in name for name, _ in unet.named_parameters())
 
 
-class _Page(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.sources: list[str] = []
-        self.links: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "img":
-            self.sources.append(attrs["src"])
-        if tag == "a" and "href" in attrs:
-            self.links.append(attrs["href"])
-
-
-def _check_report(page: Path) -> _Page:
+def _check_report(page: Path) -> _Links:
     """Every image of the report is embedded or a file beside it; so is every link."""
-    parsed = _Page()
+    parsed = _Links()
     parsed.feed(page.read_text(encoding="utf-8"))
-    assert parsed.sources and "curves.png" in parsed.sources
-    for source in parsed.sources:
+    assert parsed.images and "curves.png" in parsed.images
+    for source in parsed.images:
         assert source.startswith("data:image/png;base64,") or (page.parent / source).is_file(), source
     for link in parsed.links:
         assert (page.parent / link).is_file(), link
@@ -135,10 +120,10 @@ def test_the_demo_prints_the_table_the_choice_and_the_report_last(tmp_path, fast
     assert "pre-trained in" in out  # first run: built into the (temporary) cache
     page = _check_demo_output(out, tmp_path / "out")
     parsed = _check_report(page)
-    assert len([s for s in parsed.sources if s.startswith("data:")]) >= 4 * 2 * 2  # base and epochs, every preview
+    assert len([s for s in parsed.images if s.startswith("data:")]) >= 4 * 2 * 2  # base and epochs, every preview
     # the 32-pixel previews are shown 5 times larger, pixels kept sharp, not as stamps
     assert page.read_text(encoding="utf-8").count("width='160' height='160' style='image-rendering: pixelated'") == len(
-        [s for s in parsed.sources if s.startswith("data:")]
+        [s for s in parsed.images if s.startswith("data:")]
     )
 
     code, out = _run_demo(tmp_path / "out", "--epochs", "1")
@@ -217,7 +202,7 @@ def test_the_demo_end_to_end_and_its_report_in_headless_chromium(demo_base, tmp_
     assert code == 0, out
     assert "reused from the cache" in out
     page = _check_demo_output(out, tmp_path / "out")
-    count = len(_check_report(page).sources)
+    count = len(_check_report(page).images)
     dumped = _browser(chromium, "--dump-dom", page.resolve().as_uri(), cwd=tmp_path)
     assert dumped.returncode == 0, dumped.stderr[-2000:]
     assert f'data-image-count="{count}"' in dumped.stdout and 'data-images-loaded="all"' in dumped.stdout
