@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 from lora_monitor.posthoc import RESIZE_RULE, Analysis, CandidateResult, format_strength, resolve_bound_side
+from lora_monitor.policy_rules import value_source
 from lora_monitor.record import to_pil
 
 REPORT_FILE = "index.html"
@@ -119,7 +120,7 @@ def _policy_table(analysis: Analysis) -> str:
     rows = [
         ("rule", analysis.rule),
         ("preset", analysis.preset.name if analysis.preset is not None else "none (the settings below)"),
-        ("monitored metric", f"{policy.metric}, {direction} is better, {policy.aggregate} over prompts"),
+        ("monitored metric", f"{policy.metric}, {direction} is better, {policy.aggregate} over {value_source(policy.metric)}s"),
         ("metrics", ", ".join(analysis.metrics)),
         ("min_delta", f"{policy.min_delta:g}: a later candidate must beat the best so far by more than this; ties within it go to {tie}"),
         ("bounds", bounds or "none"),

@@ -121,6 +121,7 @@ def test_the_demo_prints_the_table_the_choice_and_the_report_last(tmp_path, fast
     page = _check_demo_output(out, tmp_path / "out")
     parsed = _check_report(page)
     assert len([s for s in parsed.images if s.startswith("data:")]) >= 4 * 2 * 2  # base and epochs, every preview
+    assert "val_loss, lower is better, mean over held-out images" in page.read_text(encoding="utf-8")  # not "over prompts"
     # the 32-pixel previews are shown 5 times larger, pixels kept sharp, not as stamps
     assert page.read_text(encoding="utf-8").count("width='160' height='160' style='image-rendering: pixelated'") == len(
         [s for s in parsed.images if s.startswith("data:")]
