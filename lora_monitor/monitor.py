@@ -191,8 +191,7 @@ class LoraMonitor(Evaluation, BaseReferences, Resume):
             raise ValueError(f"validation= was given but {VALIDATION_METRIC!r} is not among the metrics {metrics}; add it (or use preset='loss')")
         self.family = self.renderer.family if self.renderer is not None else None
         # the embedding signals score on the training device
-        device = self.renderer.denoiser.device if self.renderer is not None else None
-        self.signal_options = _signal_options(references, clip_model, dino_model, strip_words, device)
+        self.signal_options = _signal_options(references, clip_model, dino_model, strip_words, self.scoring_device)
         if scorers is not None:
             self.scorers: list[Scorer] = list(scorers)
         else:

@@ -64,7 +64,9 @@ def save_png_atomic(image: torch.Tensor, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        to_pil(image).save(tmp, format="PNG")
+        # zlib level 1, not PIL's 6: lossless either way; about 3x faster on a 1024 px preview here (91 ms against
+        # 265 ms) for a file about 15% larger, and the write holds up training (an H200 spent 1.1 s writing 4 of them)
+        to_pil(image).save(tmp, format="PNG", compress_level=1)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs (deterministic_algorithms)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -21,6 +22,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """torch's deterministic algorithms on, for a test that compares two trainings bit for bit. On a GPU two trainings
+    without the monitor already differ (cuBLAS/cuDNN kernels add in varying orders: seen on an H200), so the
+    comparison means something only with them on; this CPU's kernels are deterministic either way."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
 
 
 @pytest.fixture

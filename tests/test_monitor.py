@@ -81,6 +81,27 @@ def test_best_follows_the_scorers_polarity_and_sidecar_tracks_it(pipeline, small
     assert exporting.read_sidecar(tmp_path / "best")["epoch"] == expected
 
 
+def test_previews_are_scored_on_the_denoisers_device(pipeline, small_spec, tmp_path, monkeypatch):
+    """On a GPU the previews and the base renders they are compared with are scored there, not on the CPU the render
+    hands them to. This machine has one device, so the denoiser's device reads as 'meta' here, and a scorer sees
+    where its batch went."""
+    from lora_monitor.evaluation import Evaluation
+
+    seen = []
+
+    class Where(Lowest):
+        needs_reference = True
+
+        def __call__(self, images, reference=None):
+            seen.append((images.device.type, reference.device.type))
+            return torch.zeros(images.shape[0])
+
+    monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Where()], metric="brightness")
+    monkeypatch.setattr(Evaluation, "scoring_device", property(lambda self: torch.device("meta")))
+    monitor.on_epoch_end(1)
+    assert len(seen) == 2 and set(seen) == {("meta", "meta")}  # the base renders' scores, then epoch 1's
+
+
 def test_top_k_keeps_the_k_best_epochs(pipeline, small_spec, tmp_path):
     monitor = make_monitor(pipeline, small_spec, tmp_path, metrics=None, scorers=[Lowest()], metric="brightness", top_k=2)
     values = {}

@@ -18,6 +18,10 @@ from lora_monitor.policy import DvarRule
 from lora_monitor.spec import PreviewSpec
 
 
+# whole trainings compared bit for bit: meaningful on a GPU only with deterministic kernels (conftest)
+pytestmark = pytest.mark.usefixtures("deterministic_algorithms")
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return str(write_synthetic_dataset(tmp_path_factory.mktemp("data"), count=4, size=64))

@@ -166,9 +166,11 @@ def score_images(
     references: Sequence[torch.Tensor] | None = None,
     warn: Callable[[str, str], None] | None = None,
     prompts: Sequence[str] | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, list[float]]:
     """Every per-image scorer on every image ((3, H, W) in [0, 1]), batched by image size: {name: one score per
     image}. Whole-set scorers are left to `score_sets`. `prompts` (one per image) go to scorers that need them.
+    With `device`, each batch and its references are moved there first (the monitor scores on the training GPU).
 
     A scorer that raises gives NaN (the worst score) for that batch and a call of `warn(key, message)`,
     so scoring never stops a training run; without `warn` the error propagates.
@@ -179,8 +181,8 @@ def score_images(
         by_size.setdefault(tuple(image.shape), []).append(index)
     scores = {scorer.name: [float("nan")] * len(images) for scorer in scorers}
     for indices in by_size.values():
-        batch = torch.stack([images[i] for i in indices])
-        reference = torch.stack([references[i] for i in indices]) if references is not None else None
+        batch = torch.stack([images[i] for i in indices]).to(device)
+        reference = torch.stack([references[i] for i in indices]).to(device) if references is not None else None
         for scorer in scorers:
             try:
                 if getattr(scorer, "needs_prompts", False):
