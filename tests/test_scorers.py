@@ -115,6 +115,29 @@ def fake_pyiqa(monkeypatch):
     return module
 
 
+def test_a_scorer_out_of_device_memory_scores_that_batch_on_the_cpu():
+    """score_images(device=...) moves each batch there; a scorer that runs out of device memory (the training run
+    holds it) gets the batch again where it was given, on the CPU, instead of giving NaN. 'meta' stands for the GPU
+    this machine lacks."""
+    from lora_monitor.scoring import score_images
+
+    class Roomless:
+        name, higher_is_better, needs_reference = "roomless", True, True
+        devices: list[str] = []
+
+        def __call__(self, images, reference=None):
+            self.devices.append(images.device.type + "/" + reference.device.type)
+            if images.device.type != "cpu":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return images.mean(dim=(1, 2, 3))
+
+    images = [torch.full((3, 8, 8), value) for value in (0.25, 0.75)]
+    warnings = []
+    scores = score_images([Roomless()], images, images, warn=lambda key, message: warnings.append(message), device="meta")
+    assert scores == {"roomless": [0.25, 0.75]} and not warnings
+    assert Roomless.devices == ["meta/meta", "cpu/cpu"]
+
+
 def test_pyiqa_is_not_imported_unless_asked():
     import subprocess
 

@@ -170,7 +170,8 @@ def score_images(
 ) -> dict[str, list[float]]:
     """Every per-image scorer on every image ((3, H, W) in [0, 1]), batched by image size: {name: one score per
     image}. Whole-set scorers are left to `score_sets`. `prompts` (one per image) go to scorers that need them.
-    With `device`, each batch and its references are moved there first (the monitor scores on the training GPU).
+    With `device`, each batch and its references are moved there first (the monitor scores on the training GPU); a
+    scorer that runs out of device memory there scores that batch where it was given (the CPU, for the monitor).
 
     A scorer that raises gives NaN (the worst score) for that batch and a call of `warn(key, message)`,
     so scoring never stops a training run; without `warn` the error propagates.
@@ -181,16 +182,21 @@ def score_images(
         by_size.setdefault(tuple(image.shape), []).append(index)
     scores = {scorer.name: [float("nan")] * len(images) for scorer in scorers}
     for indices in by_size.values():
-        batch = torch.stack([images[i] for i in indices]).to(device)
-        reference = torch.stack([references[i] for i in indices]).to(device) if references is not None else None
+        given = torch.stack([images[i] for i in indices])
+        given_reference = torch.stack([references[i] for i in indices]) if references is not None else None
+        batch = given.to(device)
+        reference = given_reference.to(device) if given_reference is not None else None
         for scorer in scorers:
             try:
-                if getattr(scorer, "needs_prompts", False):
-                    if prompts is None:
-                        raise ValueError(f"the {scorer.name} scorer needs the prompt of each image")
-                    values = scorer(batch, reference if scorer.needs_reference else None, prompts=[prompts[i] for i in indices])
-                else:
-                    values = scorer(batch, reference if scorer.needs_reference else None)
+                if getattr(scorer, "needs_prompts", False) and prompts is None:
+                    raise ValueError(f"the {scorer.name} scorer needs the prompt of each image")
+                try:
+                    values = _call(scorer, batch, reference, prompts, indices)
+                except torch.cuda.OutOfMemoryError:
+                    if batch is given:  # not moved: nowhere else to score it
+                        raise
+                    # the training run holds the device's memory: this scorer scores the batch where it was given
+                    values = _call(scorer, given, given_reference, prompts, indices)
             except Exception as error:
                 if warn is None:
                     raise
@@ -199,6 +205,14 @@ def score_images(
             for i, value in zip(indices, values.tolist()):
                 scores[scorer.name][i] = float(value)
     return scores
+
+
+def _call(scorer: Scorer, batch: torch.Tensor, reference: torch.Tensor | None, prompts, indices) -> torch.Tensor:
+    """One scorer on one batch, with the reference and prompts it asks for."""
+    reference = reference if scorer.needs_reference else None
+    if getattr(scorer, "needs_prompts", False):
+        return scorer(batch, reference, prompts=[prompts[i] for i in indices])
+    return scorer(batch, reference)
 
 
 def score_sets(
