@@ -132,7 +132,7 @@ def _policy_table(analysis: Analysis) -> str:
     return "<table class='policy'>" + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
-def _thumb(image: torch.Tensor, size: int) -> str:
+def _thumb(image: torch.Tensor, size: int, alt: str) -> str:
     """The <img> of a thumbnail at most `size` pixels a side, embedded as a PNG. A larger image is scaled down; one at
     most half as large is shown a whole number of times larger, its pixels kept sharp (a 32-pixel preview as 160)."""
     picture = to_pil(image)
@@ -142,9 +142,9 @@ def _thumb(image: torch.Tensor, size: int) -> str:
     source = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
     factor = size // max(picture.size)
     if factor < 2:
-        return f"<img src='{source}'"
+        return f"<img src='{source}' alt='{_e(alt)}'>"
     width, height = picture.size
-    return f"<img src='{source}' width='{width * factor}' height='{height * factor}' style='image-rendering: pixelated'"
+    return f"<img src='{source}' width='{width * factor}' height='{height * factor}' style='image-rendering: pixelated' alt='{_e(alt)}'>"
 
 
 def _full_copy(image: torch.Tensor, folder: Path, name: str) -> str:
@@ -171,7 +171,7 @@ def _cell(
     elif base_scores is not None:
         scores = "<br>".join(f"{_e(metric)} {_fmt(base_scores[metric][index])}" for metric in metrics if metric in base_scores)
     return (
-        f"<td class='{' '.join(classes)}'><a href='{href}'>{_thumb(image, size)} alt='{_e(name)}'></a>"
+        f"<td class='{' '.join(classes)}'><a href='{href}'>{_thumb(image, size, name)}</a>"
         f"<div class='scores'>{scores}</div></td>"
     )
 
