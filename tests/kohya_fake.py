@@ -163,12 +163,17 @@ def resume_from_local_or_hf_if_specified(accelerator, args):
     fake_event(args, event="load_state", folder=os.path.basename(os.path.normpath(args.resume)))
 
 
+def _save_state(args, accelerator, name):
+    """accelerate's save_state into <output_dir>/<name>, logged as the fake's event."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    state_dir = os.path.join(args.output_dir, name)
+    accelerator.save_state(state_dir)
+    fake_event(args, event="save_state", folder=name)
+
+
 def save_and_remove_state_on_epoch_end(args, accelerator, epoch_no):
     model_name = default_if_none(args.output_name, DEFAULT_EPOCH_NAME)
-    os.makedirs(args.output_dir, exist_ok=True)
-    state_dir = os.path.join(args.output_dir, EPOCH_STATE_NAME.format(model_name, epoch_no))
-    accelerator.save_state(state_dir)
-    fake_event(args, event="save_state", folder=os.path.basename(state_dir))
+    _save_state(args, accelerator, EPOCH_STATE_NAME.format(model_name, epoch_no))
     last_n_epochs = args.save_last_n_epochs_state if args.save_last_n_epochs_state else args.save_last_n_epochs
     if last_n_epochs is not None:
         remove_epoch_no = epoch_no - args.save_every_n_epochs * last_n_epochs
@@ -179,18 +184,12 @@ def save_and_remove_state_on_epoch_end(args, accelerator, epoch_no):
 
 def save_and_remove_state_stepwise(args, accelerator, step_no):
     model_name = default_if_none(args.output_name, DEFAULT_STEP_NAME)
-    os.makedirs(args.output_dir, exist_ok=True)
-    state_dir = os.path.join(args.output_dir, STEP_STATE_NAME.format(model_name, step_no))
-    accelerator.save_state(state_dir)
-    fake_event(args, event="save_state", folder=os.path.basename(state_dir))
+    _save_state(args, accelerator, STEP_STATE_NAME.format(model_name, step_no))
 
 
 def save_state_on_train_end(args, accelerator):
     model_name = default_if_none(args.output_name, DEFAULT_LAST_OUTPUT_NAME)
-    os.makedirs(args.output_dir, exist_ok=True)
-    state_dir = os.path.join(args.output_dir, LAST_STATE_NAME.format(model_name))
-    accelerator.save_state(state_dir)
-    fake_event(args, event="save_state", folder=os.path.basename(state_dir))
+    _save_state(args, accelerator, LAST_STATE_NAME.format(model_name))
 
 
 def verify_command_line_training_args(args):
